@@ -1,0 +1,141 @@
+"""The `vitlab` command: parses arguments, calls the library, prints. User errors are one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .model import ConfigError
+
+
+class UserError(Exception):
+    """Any error the user can fix; printed as one line, no traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .weights import CheckpointError
+
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, UserError]
+    try:
+        from .data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _size(text: str) -> tuple[int, int]:
+    """`224` or `224x320` (H x W)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must be N or HxW, got {text!r}") from None
+    if len(parts) == 1:
+        return (parts[0], parts[0])
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise argparse.ArgumentTypeError(f"image size must be N or HxW, got {text!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cmd_models(args) -> None:
+    from .model import model_table
+
+    rows = model_table(args.image_size, args.num_classes, args.patch)
+    h, w = args.image_size
+    print(f"ViT variants at {h}x{w}, {args.num_classes} classes (GFLOPs: one image's forward pass, a multiply-add = 2 FLOPs)")
+    print(f"{'name':<10} {'width':>6} {'depth':>6} {'heads':>6} {'mlp':>6} {'tokens':>7} {'params':>14} {'GFLOPs':>9}")
+    for r in rows:
+        print(
+            f"{r['name']:<10} {r['hidden_size']:>6} {r['num_layers']:>6} {r['num_heads']:>6} {r['mlp_dim']:>6} "
+            f"{r['tokens']:>7} {r['params']:>14,} {r['gflops']:>9.2f}"
+        )
+
+
+def cmd_convert(args) -> None:
+    from .weights import load_model, save_checkpoint
+
+    model = load_model(args.src, image_size=args.image_size, num_classes=args.num_classes, gelu=args.gelu)
+    out = save_checkpoint(model, args.out)
+    cfg = model.cfg
+    print(
+        f"wrote {out}: {cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_heads} heads, patch "
+        f"{cfg.patch_size[0]}x{cfg.patch_size[1]}, image {cfg.image_size[0]}x{cfg.image_size[1]}, "
+        f"{cfg.num_classes} classes, classifier {cfg.classifier}, representation_size {cfg.representation_size}, "
+        f"gelu {cfg.gelu}, normalisation mean {cfg.mean} std {cfg.std}"
+    )
+
+
+def cmd_export(args) -> None:
+    from .weights import export_npz, load_model
+
+    path = export_npz(load_model(args.ckpt), args.out)
+    print(f"wrote {path} (official vit_jax layout)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer (Dosovitskiy et al., 2021).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the ViT variants with their sizes and cost")
+    p.add_argument("--image-size", type=_size, default=(224, 224), help="N or HxW (default 224)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--patch", type=int, default=None, help="patch size for every row (default: 16, 14 for ViT-H)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("convert", help="convert an official .npz (or a vitlab checkpoint) into a vitlab checkpoint")
+    p.add_argument("src", help="official vit_jax .npz file, or a vitlab checkpoint directory")
+    p.add_argument("out", help="output directory (config.json + model.safetensors)")
+    p.add_argument("--image-size", type=_size, default=None, help="new resolution: position embeddings resized in 2-D")
+    p.add_argument("--num-classes", type=int, default=None, help="a new zero-initialised head with this many classes")
+    p.add_argument("--gelu", choices=("tanh", "exact"), default=None, help="GELU form (official weights: tanh)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a checkpoint in the official vit_jax .npz layout")
+    p.add_argument("ckpt", help="vitlab checkpoint directory or .npz")
+    p.add_argument("out", help="output .npz file")
+    p.set_defaults(func=cmd_export)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Commands that live beside their module (training, evaluation, ...)."""
+    registers = []
+    try:
+        from . import train
+
+        registers.append(train.register_cli)
+    except (ImportError, AttributeError):
+        pass
+    return registers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except _user_errors() as e:
+        print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
