@@ -1,0 +1,87 @@
+"""The `vitlab` command, run as a user runs it: its output, and one-line errors with a non-zero exit."""
+
+import subprocess
+import sys
+
+import pytest
+
+from official import official_arrays, write_npz
+from vitlab.weights import load_model
+
+
+def vitlab(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "vitlab", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_models_lists_every_variant():
+    result = vitlab("models")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for name, params in [("ViT-Ti/16", "5,717,416"), ("ViT-S/16", "22,050,664"), ("ViT-B/16", "86,567,656"),
+                         ("ViT-L/16", "304,326,632"), ("ViT-H/14", "632,045,800")]:
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert params in line
+    assert "GFLOPs" in out and "35.13" in out  # ViT-B/16 at 224
+
+
+def test_models_at_another_resolution():
+    result = vitlab("models", "--image-size", "384", "--patch", "32")
+    assert result.returncode == 0
+    assert "ViT-B/32" in result.stdout and "145" in result.stdout  # 12 x 12 + 1 tokens
+
+
+def test_convert_npz(tmp_path):
+    src = write_npz(tmp_path / "ViT-tiny.npz", official_arrays(seed=7))
+    result = vitlab("convert", src, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and "2 layers, width 32" in result.stdout and "mean (0.5, 0.5, 0.5)" in result.stdout
+    model = load_model(tmp_path / "out")
+    assert model.cfg.gelu == "tanh" and model.cfg.num_classes == 7
+
+
+def test_convert_with_new_resolution_and_head_then_export(tmp_path):
+    src = write_npz(tmp_path / "a.npz", official_arrays(seed=8))
+    assert vitlab("convert", src, tmp_path / "out", "--image-size", "24x32", "--num-classes", "2").returncode == 0
+    model = load_model(tmp_path / "out")
+    assert model.cfg.image_size == (24, 32) and model.cfg.num_classes == 2
+    result = vitlab("export", tmp_path / "out", tmp_path / "back.npz")
+    assert result.returncode == 0 and (tmp_path / "back.npz").exists()
+
+
+def _file(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make,fragments",
+    [
+        (lambda d: d / "missing.npz", ["missing.npz: no such file"]),
+        (lambda d: _file(d / "empty.npz", b""), ["empty.npz: the file is empty"]),
+        (lambda d: _file(d / "junk.npz", b"junk"), ["junk.npz: not an .npz archive"]),
+        (lambda d: d, ["not a vitlab checkpoint"]),
+    ],
+)
+def test_convert_errors_are_one_line(tmp_path, make, fragments):
+    assert_one_line_error(vitlab("convert", make(tmp_path), tmp_path / "out"), *fragments)
+
+
+def test_convert_bad_resolution_names_the_field(tmp_path):
+    src = write_npz(tmp_path / "a.npz", official_arrays(seed=9))
+    result = vitlab("convert", src, tmp_path / "out", "--image-size", "30")
+    assert_one_line_error(result, "patch_size (4, 4) does not divide image_size (30, 30)")
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_bad_arguments_exit_non_zero():
+    result = vitlab("models", "--image-size", "big")
+    assert result.returncode == 2 and "Traceback" not in result.stderr

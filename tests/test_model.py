@@ -1,0 +1,313 @@
+"""The model: variants and their sizes, the official numerics, attention weights on request, config errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitlab
+from vitlab.model import (
+    ConfigError,
+    ViTConfig,
+    VisionTransformer,
+    create_model,
+    forward_flops,
+    model_table,
+    num_params,
+    variant_config,
+)
+
+timm = pytest.importorskip("timm")
+
+
+def tiny(**kw) -> ViTConfig:
+    fields = dict(image_size=16, patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, num_classes=5)
+    fields.update(kw)
+    return ViTConfig(**fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants and sizes
+# ---------------------------------------------------------------------------------------------------------------
+
+# Exact counts at 224 px with 1000 classes. The paper's Table 1 rounds them: ViT-B 86M, ViT-H 632M; its "ViT-L
+# 307M" is ViT-L/32's count (306.5M, the bigger patch embedding); ViT-L/16 has 304.3M.
+PAPER_COUNTS = {
+    "ViT-Ti/16": 5_717_416,
+    "ViT-S/16": 22_050_664,
+    "ViT-B/16": 86_567_656,
+    "ViT-L/16": 304_326_632,
+    "ViT-L/32": 306_535_400,
+    "ViT-H/14": 632_045_800,
+}
+
+
+@pytest.mark.parametrize("name,count", PAPER_COUNTS.items())
+def test_parameter_count_exact(name, count):
+    assert num_params(variant_config(name)) == count
+
+
+@pytest.mark.parametrize("name,millions", [("ViT-B/16", 86), ("ViT-L/32", 307), ("ViT-H/14", 632)])
+def test_parameter_count_matches_paper_table_1(name, millions):
+    assert abs(num_params(variant_config(name)) / 1e6 - millions) < 1  # the table rounds loosely (86.57 -> 86)
+
+
+@pytest.mark.parametrize(
+    "name,timm_name",
+    [("vit-ti/16", "vit_tiny_patch16_224"), ("vit-s/16", "vit_small_patch16_224"), ("vit-b/16", "vit_base_patch16_224"),
+     ("vit-l/16", "vit_large_patch16_224"), ("vit-h/14", "vit_huge_patch14_224")],
+)
+def test_parameter_count_equals_timm(name, timm_name):
+    with torch.device("meta"):
+        reference = timm.create_model(timm_name, pretrained=False, num_classes=1000)
+    assert num_params(variant_config(name)) == sum(p.numel() for p in reference.parameters())
+
+
+@pytest.mark.parametrize("name", ["vit-b/16", "ViT-B/16", "VIT-b_16", "b/16", "vit-ti/4", "ViT-L/16", "vit-h/14", "vit-s/32"])
+def test_variant_names_case_insensitive(name):
+    cfg = variant_config(name)
+    size = name.replace("_", "/").split("/")[0].split("-")[-1].lower()
+    assert cfg.hidden_size == {"ti": 192, "s": 384, "b": 768, "l": 1024, "h": 1280}[size]
+    assert cfg.patch_size[0] == int(name.replace("_", "/").split("/")[-1])
+
+
+def test_variant_table_is_the_papers():
+    for name, (D, L, H, M) in {"vit-b/16": (768, 12, 12, 3072), "vit-l/16": (1024, 24, 16, 4096),
+                               "vit-h/14": (1280, 32, 16, 5120)}.items():
+        cfg = variant_config(name)
+        assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_dim) == (D, L, H, M)
+
+
+def test_create_model_overrides():
+    model = create_model("vit-ti/4", image_size=28, in_chans=1, num_classes=10, num_layers=2)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert model.cfg.name == "ViT-Ti/4" and model.cfg.grid_size == (7, 7)
+
+
+def test_flops_by_hand():
+    cfg = tiny(num_classes=5)  # T = 17 tokens, N = 16 patches
+    T, N, D, M = 17, 16, 32, 64
+    macs = N * D * 3 * 16 + 2 * (T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * M) + D * 5
+    assert forward_flops(cfg) == 2 * macs
+
+
+def test_model_table_rows():
+    rows = model_table(224)
+    assert [r["name"] for r in rows] == ["ViT-Ti/16", "ViT-S/16", "ViT-B/16", "ViT-L/16", "ViT-H/14"]
+    b16 = rows[2]
+    assert b16["params"] == 86_567_656 and b16["tokens"] == 197 and 34 < b16["gflops"] < 36
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numerics: the official Flax model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _timm_twin(cfg: ViTConfig, act: str):
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    gap = cfg.classifier == "gap"
+    return TimmViT(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
+        embed_dim=cfg.hidden_size, depth=cfg.num_layers, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.hidden_size,
+        class_token=not gap, global_pool="avg" if gap else "token", fc_norm=False, act_layer=act,
+    ).eval()
+
+
+@pytest.mark.parametrize("gelu,act", [("tanh", "gelu_tanh"), ("exact", "gelu")])
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_same_weights_same_logits_as_timm(gelu, act, classifier):
+    """timm's module names match ours, so one state dict drives both; only the GELU form must agree."""
+    cfg = tiny(gelu=gelu, classifier=classifier, image_size=(16, 24))
+    torch.manual_seed(0)
+    ours = VisionTransformer(cfg).eval()
+    for p in ours.parameters():
+        p.data.normal_(0, 0.3)
+    reference = _timm_twin(cfg, act)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 3, 16, 24)
+    with torch.no_grad():
+        assert (ours(x) - reference(x)).abs().max() < 1e-5
+
+
+def test_tanh_gelu_is_the_default_and_differs_from_exact():
+    cfg = tiny()
+    assert cfg.gelu == "tanh" and cfg.layer_norm_eps == 1e-6
+    torch.manual_seed(0)
+    model = VisionTransformer(cfg).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.5)
+    exact = VisionTransformer(cfg.replace(gelu="exact")).eval()
+    exact.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (model(x) - exact(x)).abs().max() > 1e-4  # the forms differ by up to ~1e-3 per unit
+    act = model.blocks[0].mlp.act
+    z = torch.linspace(-4, 4, 101)
+    tanh_form = 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+    assert torch.allclose(act(z), tanh_form, atol=1e-6)
+
+
+def test_layer_norm_eps_is_flax_default():
+    model = VisionTransformer(tiny())
+    eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert eps == {1e-6}
+
+
+def test_initialisation_is_official():
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny(representation_size=16, hidden_size=64, mlp_dim=128))
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+    assert torch.count_nonzero(model.cls_token) == 0
+    assert 0.015 < model.pos_embed.std().item() < 0.025  # N(0, 0.02)
+    bias = model.blocks[0].mlp.fc1.bias
+    assert 0 < bias.abs().max().item() < 1e-5  # N(0, 1e-6)
+    w = model.blocks[0].mlp.fc1.weight  # xavier uniform: bound sqrt(6 / (fan_in + fan_out))
+    assert w.abs().max().item() <= math.sqrt(6 / (64 + 128)) + 1e-7
+    pw = model.patch_embed.proj.weight  # LeCun normal truncated at 2 sigma: variance 1 / fan_in
+    assert abs(pw.var().item() * 3 * 16 - 1) < 0.15
+
+
+def test_gap_has_no_class_token():
+    model = VisionTransformer(tiny(classifier="gap"))
+    assert model.cls_token is None and model.pos_embed.shape == (1, 16, 32)
+    assert model.forward_features(torch.zeros(1, 3, 16, 16)).shape == (1, 16, 32)
+
+
+def test_representation_size_pre_logits():
+    model = VisionTransformer(tiny(representation_size=12)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    features = model.forward_features(x)
+    pre = model.forward_head(features, pre_logits=True)
+    assert pre.shape == (2, 12) and pre.abs().max() <= 1  # tanh
+    expected = torch.tanh(features[:, 0] @ model.pre_logits.fc.weight.T + model.pre_logits.fc.bias)
+    assert torch.allclose(pre, expected, atol=1e-6)
+
+
+def test_no_head_returns_representation():
+    model = VisionTransformer(tiny(num_classes=0))
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 32)
+
+
+@pytest.mark.parametrize("image_size,patch_size", [((16, 24), 4), ((12, 20), (3, 5)), (15, 5), (8, 8)])
+def test_non_square_images_and_patches(image_size, patch_size):
+    cfg = tiny(image_size=image_size, patch_size=patch_size)
+    model = VisionTransformer(cfg)
+    h, w = cfg.image_size
+    assert model(torch.zeros(2, 3, h, w)).shape == (2, 5)
+    assert model.pos_embed.shape[1] == 1 + (h // cfg.patch_size[0]) * (w // cfg.patch_size[1])
+
+
+def test_patch_embedding_is_a_linear_map_of_flattened_patches():
+    """Eq. 1: each patch, flattened, times E; the convolution is only a fast way to do it."""
+    model = VisionTransformer(tiny(in_chans=2))
+    x = torch.randn(1, 2, 16, 16)
+    patches = x.unfold(2, 4, 4).unfold(3, 4, 4)  # (1, C, 4, 4, P, P)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(1, 16, 2 * 16)  # row-major patches, (C, P, P) flattened
+    E = model.patch_embed.proj.weight.reshape(32, -1)
+    expected = patches @ E.T + model.patch_embed.proj.bias
+    assert torch.allclose(model.patch_embed(x), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention weights on request
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_attention_weights_match_plain_softmax():
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny()).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        logits, maps = model(x, return_attention=[1])
+        assert set(maps) == {1}
+        # recompute layer 1's input and its attention by hand
+        z = torch.cat([model.cls_token.expand(2, -1, -1), model.patch_embed(x)], 1) + model.pos_embed
+        z, _ = model.blocks[0](z)
+        y = model.blocks[1].norm1(z)
+        attn = model.blocks[1].attn
+        W, b = attn.qkv.weight, attn.qkv.bias
+        q, k = (y @ W[:32].T + b[:32]), (y @ W[32:64].T + b[32:64])
+        q = q.view(2, 17, 4, 8).transpose(1, 2)
+        k = k.view(2, 17, 4, 8).transpose(1, 2)
+        expected = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    assert maps[1].shape == (2, 4, 17, 17)
+    assert torch.allclose(maps[1], expected, atol=1e-5)
+    assert torch.allclose(maps[1].sum(-1), torch.ones(2, 4, 17), atol=1e-5)
+    assert torch.allclose(logits, model(x), atol=1e-5)  # the explicit path gives the fused path's output
+
+
+def test_attention_all_layers_and_negative_index():
+    model = VisionTransformer(tiny(num_layers=3)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    _, all_maps = model(x, return_attention=True)
+    assert sorted(all_maps) == [0, 1, 2]
+    _, last = model(x, return_attention=[-1])
+    assert list(last) == [2] and torch.allclose(last[2], all_maps[2])
+    with pytest.raises(ConfigError, match="layer 3 out of range"):
+        model(x, return_attention=[3])
+
+
+def test_attention_is_computed_only_for_requested_layers(monkeypatch):
+    model = VisionTransformer(tiny(num_layers=3)).eval()
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model(torch.randn(1, 3, 16, 16), return_attention=[0])
+    assert len(calls) == 2  # layers 1 and 2 stayed on the fused kernel
+    calls.clear()
+    model(torch.randn(1, 3, 16, 16))
+    assert len(calls) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_config_dict_round_trip():
+    cfg = tiny(image_size=(16, 24), class_names=[f"c{i}" for i in range(5)], representation_size=8, in_chans=1)
+    again = ViTConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.mean == (0.5,) and again.image_size == (16, 24)
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(image_size=30, patch_size=16), r"patch_size \(16, 16\) does not divide image_size \(30, 30\)"),
+        (dict(image_size=(16, 18), patch_size=4), r"patch_size \(4, 4\) does not divide image_size \(16, 18\).*width 18"),
+        (dict(hidden_size=30, num_heads=4), r"num_heads 4 does not divide hidden_size 30"),
+        (dict(classifier="mean"), r"classifier must be 'token' or 'gap', got 'mean'"),
+        (dict(gelu="relu"), r"gelu must be 'tanh' or 'exact'"),
+        (dict(num_layers=0), r"num_layers must be a positive int, got 0"),
+        (dict(dropout_rate=1.5), r"dropout_rate must be in \[0, 1\)"),
+        (dict(in_chans=1, mean=(0.5, 0.5, 0.5)), r"mean has 3 values for in_chans 1"),
+        (dict(class_names=["a"]), r"class_names has 1 names for num_classes 5"),
+        (dict(image_size="big"), r"image_size must be an int or a pair"),
+    ],
+)
+def test_config_errors_name_the_field(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(**kw)
+
+
+def test_unknown_variant_and_field():
+    with pytest.raises(ConfigError, match=r"unknown model 'vit-x/16'"):
+        variant_config("vit-x/16")
+    with pytest.raises(ConfigError, match=r"unknown model 'vit-b'"):
+        create_model("vit-b")
+    with pytest.raises(ConfigError, match=r"unknown ViTConfig field\(s\): widht"):
+        create_model("vit-ti/16", widht=3)
+    with pytest.raises(ConfigError, match=r"unknown ViTConfig field\(s\): hidden"):
+        ViTConfig.from_dict({"hidden": 3})
+    with pytest.raises(ConfigError, match=r"patch_size \(16, 16\) does not divide image_size \(28, 28\)"):
+        create_model("vit-b/16", image_size=28)
+
+
+def test_public_api():
+    assert vitlab.create_model is create_model
+    for name in ("load_model", "save_checkpoint", "export_npz", "resize_pos_embed", "ViTConfig"):
+        assert hasattr(vitlab, name)
