@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .model import ConfigError
@@ -60,7 +61,8 @@ def cmd_models(args) -> None:
 def cmd_convert(args) -> None:
     from .weights import load_model, save_checkpoint
 
-    model = load_model(args.src, image_size=args.image_size, num_classes=args.num_classes, gelu=args.gelu)
+    model = load_model(args.src, image_size=args.image_size, num_classes=args.num_classes, gelu=args.gelu,
+                       pos_embed_interp=args.pos_embed_interp, source_grid=args.source_grid)
     out = save_checkpoint(model, args.out)
     cfg = model.cfg
     print(
@@ -99,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_size, default=None, help="new resolution: position embeddings resized in 2-D")
     p.add_argument("--num-classes", type=int, default=None, help="a new zero-initialised head with this many classes")
     p.add_argument("--gelu", choices=("tanh", "exact"), default=None, help="GELU form (official weights: tanh)")
+    p.add_argument("--pos-embed-interp", choices=("bilinear", "bicubic"), default="bilinear",
+                   help="position-embedding resizing: bilinear as the official code (default), or bicubic as timm")
+    p.add_argument("--source-grid", type=_size, default=None,
+                   help="HxW patch grid of an .npz whose position embeddings are not a square grid")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="write a checkpoint in the official vit_jax .npz layout")
@@ -114,12 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Commands that live beside their module (training, evaluation, ...)."""
     registers = []
-    try:
-        from . import train
-
-        registers.append(train.register_cli)
-    except (ImportError, AttributeError):
-        pass
+    for name in ("train", "evaluate"):
+        try:
+            registers.append(importlib.import_module(f".{name}", __package__).register_cli)
+        except (ImportError, AttributeError):
+            pass
     return registers
 
 

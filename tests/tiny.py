@@ -1,0 +1,74 @@
+"""A tiny Fashion-MNIST-shaped set and a tiny ViT for training and evaluation tests (tests/test_train.py,
+tests/test_evaluate.py).
+
+Ten classes of 28x28 grey images, class k a bright 7x7 block at position k of a 4x4 grid over noise, written as the
+four idx .gz files that VITLAB_FASHION_MNIST_DIR points `--data fashion-mnist` at: 512 training and 128 test
+images. The model is 2 layers of width 32 on 16x16 inputs (patches of 4).
+"""
+
+import contextlib
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TINY = dict(
+    data="fashion-mnist", model="vit-ti/4", hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, image_size=16,
+    batch_size=32, num_workers=0, crop="none", flip=False, lr=3e-3, warmup=5,
+)
+
+
+def blocks(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n images (n, 28, 28) uint8 and their labels: class k lights the 7x7 block k of a 4x4 grid."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 60, (n, 28, 28))
+    for image, k in zip(images, labels):
+        r, c = divmod(int(k), 4)
+        image[r * 7:(r + 1) * 7, c * 7:(c + 1) * 7] += 180
+    return images.astype(np.uint8), labels
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion_mnist(root: Path) -> Path:
+    """The tiny set as Fashion-MNIST's four files in `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for part, n, seed in (("train", 512, 0), ("t10k", 128, 1)):
+        images, labels = blocks(n, seed)
+        write_idx(root / f"{part}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{part}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@contextlib.contextmanager
+def tiny_world(fashion_dir: Path):
+    """`--data fashion-mnist` reads the tiny set, and torch runs one thread, as the tests' subprocesses do (float
+    results then compare bit for bit across processes; two threads on a busy 2-core machine also run far slower)."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VITLAB_FASHION_MNIST_DIR", str(fashion_dir))
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def flags(fields: dict) -> list[str]:
+    """The `vitlab train` flags of TrainConfig fields."""
+    out = []
+    for key, value in fields.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out += [flag, str(value)]
+    return out
