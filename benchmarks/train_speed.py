@@ -109,9 +109,9 @@ def main() -> None:
     args = p.parse_args()
 
     if args.model == "demo":
-        from vitlab.train import demo_model_config
+        from vitlab.train import fashion_mnist_demo
 
-        cfg = demo_model_config()
+        cfg = fashion_mnist_demo().model_config(num_classes=10)
     else:
         cfg = variant_config(args.model, image_size=args.image_size or 224, num_classes=10)
     if args.image_size and args.model == "demo":

@@ -59,10 +59,13 @@ def cmd_models(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from .weights import load_model, save_checkpoint
+    from .weights import head_is_zero, load_model, save_checkpoint
 
     model = load_model(args.src, image_size=args.image_size, num_classes=args.num_classes, gelu=args.gelu,
-                       pos_embed_interp=args.pos_embed_interp, source_grid=args.source_grid)
+                       pos_embed_interp=args.pos_embed_interp, source_grid=args.source_grid, num_heads=args.num_heads)
+    if head_is_zero(model) and args.num_classes is None:
+        print(f"note: the head of {args.src} is all zero (as in the official ImageNet-21k checkpoints): every class "
+              "scores the same until a head is fine-tuned (vitlab finetune)")
     out = save_checkpoint(model, args.out)
     cfg = model.cfg
     print(
@@ -95,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=int, default=None, help="patch size for every row (default: 16, 14 for ViT-H)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("convert", help="convert an official .npz (or a vitlab checkpoint) into a vitlab checkpoint")
-    p.add_argument("src", help="official vit_jax .npz file, or a vitlab checkpoint directory")
+    p = sub.add_parser("convert",
+                       help="convert an official .npz, timm or Hugging Face weights into a vitlab checkpoint")
+    p.add_argument("src", help="official vit_jax .npz file, a vitlab checkpoint directory, or a timm or Hugging Face "
+                               "ViT in safetensors (a file, or the directory holding it and its config.json)")
     p.add_argument("out", help="output directory (config.json + model.safetensors)")
     p.add_argument("--image-size", type=_size, default=None, help="new resolution: position embeddings resized in 2-D")
     p.add_argument("--num-classes", type=int, default=None, help="a new zero-initialised head with this many classes")
@@ -105,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="position-embedding resizing: bilinear as the official code (default), or bicubic as timm")
     p.add_argument("--source-grid", type=_size, default=None,
                    help="HxW patch grid of an .npz whose position embeddings are not a square grid")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="heads of timm or Hugging Face weights without a config.json (default: width / 64)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="write a checkpoint in the official vit_jax .npz layout")
@@ -120,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Commands that live beside their module (training, evaluation, ...)."""
     registers = []
-    for name in ("train", "evaluate"):
+    for name in ("train", "evaluate", "inspect"):
         try:
             registers.append(importlib.import_module(f".{name}", __package__).register_cli)
         except (ImportError, AttributeError):

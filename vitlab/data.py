@@ -4,6 +4,8 @@ A data spec is one string:
 
     fashion-mnist        the four idx .gz files of Fashion-MNIST (Debian's dataset-fashion-mnist, else downloaded)
     cifar10, cifar100    torchvision's copies, downloaded into the cache directory
+    pets, flowers102     torchvision's Oxford-IIIT Pet (trainval / test) and Oxford Flowers 102 (train / val / test),
+                         the paper's transfer datasets (Table 2), downloaded likewise
     folder:PATH          an ImageFolder tree: PATH/train (else PATH itself), eval from PATH/val or PATH/test
     wds:PATTERN          WebDataset tar shards KEY.jpg|jpeg|png + KEY.cls, e.g. /data/train-{0000..0004}.tar
 
@@ -71,7 +73,8 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-SPEC_FORMS = "fashion-mnist, cifar10, cifar100, folder:PATH, wds:PATTERN"
+SPEC_FORMS = "fashion-mnist, cifar10, cifar100, pets, flowers102, folder:PATH, wds:PATTERN"
+TORCHVISION_SETS = ("cifar10", "cifar100", "pets", "flowers102")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -106,14 +109,14 @@ def _one_line(exc: BaseException) -> str:
 
 @dataclass
 class DataSpec:
-    kind: str          # "fashion-mnist" | "cifar10" | "cifar100" | "folder" | "wds"
+    kind: str          # "fashion-mnist" | "cifar10" | "cifar100" | "pets" | "flowers102" | "folder" | "wds"
     path: str | None   # the directory (folder) or shard pattern (wds)
 
 
 def parse_spec(spec: str) -> DataSpec:
     """Parse a --data string; DataError listing the valid forms if it is none of them."""
     name = spec.strip()
-    if name.lower() in ("fashion-mnist", "cifar10", "cifar100"):
+    if name.lower() in ("fashion-mnist", *TORCHVISION_SETS):
         return DataSpec(name.lower(), None)
     kind, sep, path = name.partition(":")
     if sep and kind in ("folder", "wds") and path:
@@ -706,13 +709,14 @@ class Splits:
     train_size: int | None    # None when unknown (remote shards)
 
 
-def build(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, train_transform: TrainAug,
+def build(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, train_transform: TrainAug | None,
           val_split: float | None = None, bad_images: str = "error", split: str | None = None) -> Splits:
     """Datasets for a --data spec.
 
-    val_split cuts a deterministic validation split from the training data. split picks the evaluation
-    split: "val" (the cut, else the source's own val), "test" (the source's test), None (val if any, else
-    test, else no evaluation).
+    train_transform None leaves the training split unaugmented, as evaluation sees it (frozen features for
+    few-shot evaluation). val_split cuts a deterministic validation split from the training data. split picks
+    the evaluation split: "val" (the cut, else the source's own val), "test" (the source's test), None (val if
+    any, else test, else no evaluation).
     """
     data = parse_spec(spec)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
@@ -735,6 +739,8 @@ def build(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, train_
         train, held_out, names = _folder_sources(data.path, in_chans)
     elif data.kind == "fashion-mnist":
         train, held_out, names = _fashion_mnist_sources()
+    elif data.kind in ("pets", "flowers102"):
+        train, held_out, names = _image_set_sources(data.kind, in_chans)
     else:
         train, held_out, names = _cifar_sources(data.kind)
     return _map_splits(spec, train, held_out, names, **common)
@@ -801,7 +807,7 @@ def _fashion_mnist_sources():
         missing = [str(p) for ps in files.values() for p in ps if not p.is_file()]
         raise DataError(f"VITLAB_FASHION_MNIST_DIR={override} lacks {', '.join(missing)}")
     import torchvision.datasets
-    parts = {train: _download("fashion-mnist", torchvision.datasets.FashionMNIST, train)
+    parts = {train: _download("fashion-mnist", torchvision.datasets.FashionMNIST, train=train)
              for train in (True, False)}
     src = {train: _TensorSource(ds.data.to(torch.uint8)[:, None].contiguous(), torch.as_tensor(ds.targets))
            for train, ds in parts.items()}
@@ -811,20 +817,78 @@ def _fashion_mnist_sources():
 def _cifar_sources(kind: str):
     import torchvision.datasets
     cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
-    parts = {train: _download(kind, cls, train) for train in (True, False)}
+    parts = {train: _download(kind, cls, train=train) for train in (True, False)}
     src = {train: _TensorSource(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
                                 torch.as_tensor(ds.targets, dtype=torch.int64))
            for train, ds in parts.items()}
     return src[True], {"test": src[False]}, list(parts[True].classes)
 
 
-def _download(name: str, cls, train: bool):
+def _download(name: str, cls, **split):
     root = cache_dir() / name
     try:
-        return cls(root=str(root), train=train, download=True)
+        return cls(root=str(root), download=True, **split)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; torchvision raises RuntimeError on bad files
         raise DataError(f"could not download {name} into {root} ({_one_line(exc)}); "
                         f"pass --data folder:PATH or wds:PATTERN") from exc
+
+
+class _TorchvisionSource:
+    """A torchvision image-file dataset (Pets, Flowers), its images read through its own __getitem__."""
+
+    def __init__(self, dataset, name: str, in_chans: int):
+        self.dataset, self.name, self.in_chans = dataset, name, in_chans
+        labels = getattr(dataset, "_labels", None)  # the list torchvision reads from its split files
+        self.labels = list(labels) if labels is not None else [dataset[j][1] for j in range(len(dataset))]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, j: int) -> tuple[Tensor, int]:
+        try:
+            image, label = self.dataset[j]
+            array = _pil_to_array(image, self.in_chans)
+        except Exception as exc:
+            raise DataError(f"cannot read image {j} of {self.name}: {_one_line(exc)}") from exc
+        x = torch.from_numpy(array)
+        return (x[None] if x.ndim == 2 else x.permute(2, 0, 1).contiguous()), int(label)
+
+
+def _image_set_sources(kind: str, in_chans: int):
+    """Oxford-IIIT Pet (train: trainval, eval: test) or Flowers 102 (train, val, test) from torchvision."""
+    import torchvision.datasets
+    if kind == "pets":
+        cls, splits, train_split = torchvision.datasets.OxfordIIITPet, ("trainval", "test"), "trainval"
+    else:
+        cls, splits, train_split = torchvision.datasets.Flowers102, ("train", "val", "test"), "train"
+    parts = {split: _TorchvisionSource(_download(kind, cls, split=split), f"{kind} {split}", in_chans)
+             for split in splits}
+    names = getattr(parts[train_split].dataset, "classes", None) or [str(i) for i in range(102)]
+    return parts[train_split], {s: parts[s] for s in splits if s != train_split}, list(names)
+
+
+def labels_of(dataset) -> np.ndarray | None:
+    """The labels of a map-style set in its order, read without decoding an image; None for streams."""
+    if not isinstance(dataset, MapDataset):
+        return None
+    source = dataset.source
+    if isinstance(source, _TensorSource):
+        labels = source.labels.numpy()
+    elif isinstance(source, _FileSource):
+        labels = np.array([label for _, label in source.samples], dtype=np.int64)
+    elif isinstance(source, _TorchvisionSource):
+        labels = np.asarray(source.labels, dtype=np.int64)
+    else:
+        return None
+    return labels if dataset.indices is None else labels[np.asarray(dataset.indices, dtype=np.int64)]
+
+
+def file_names_of(dataset) -> list[str] | None:
+    """The file names (no directory) of an image-file set in its order; None when it has no files."""
+    if isinstance(dataset, MapDataset) and isinstance(dataset.source, _FileSource):
+        names = [os.path.basename(path) for path, _ in dataset.source.samples]
+        return names if dataset.indices is None else [names[i] for i in dataset.indices]
+    return None
 
 
 def _folder_sources(path: str, in_chans: int):

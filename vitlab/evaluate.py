@@ -1,10 +1,11 @@
-"""Evaluation: top-1 / top-5 accuracy and loss on a labelled split, and the classes a model sees in image files.
+"""Evaluation: top-1 / top-5 accuracy and loss on a labelled split (and ImageNet-ReaL accuracy), the paper's
+linear few-shot accuracy of frozen features, and the classes a model sees in image files.
 
 An evaluator is an object with `run(model) -> dict[str, float]` (big_vision's `evaluators/classification.py`),
 so the training loop calls every evaluator the same way. Batches arrive as uint8 at the model's resolution and
 are normalised here with the mean and std stored in the model's config, as in training.
 
-The `vitlab eval` and `vitlab predict` commands are registered from here (`register_cli`).
+The `vitlab eval`, `vitlab fewshot` and `vitlab predict` commands are registered from here (`register_cli`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .model import ConfigError
-from .weights import atomic_write_text, load_model, unwrap
+from .weights import CheckpointError, atomic_write_text, head_is_zero, load_model, unwrap
 
 # torchvision's import alone takes seconds, so `vitlab.data` is imported where it is used, never at the top of a
 # module the CLI imports to build its parser.
@@ -41,9 +45,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def real_accuracy(predictions: Sequence[int], real: Sequence[Sequence[int]]) -> tuple[float, int]:
+    """ImageNet-ReaL top-1 (Beyer et al. 2020, the paper's "ReaL" columns): a prediction is right when it is one of
+    the image's reassessed labels; images left with no label are not counted. (accuracy, images counted)."""
+    if len(predictions) != len(real):
+        raise ValueError(f"{len(predictions)} predictions for {len(real)} ReaL label sets")
+    counted = [(p, labels) for p, labels in zip(predictions, real) if len(labels)]
+    if not counted:
+        return math.nan, 0
+    return sum(int(p) in set(labels) for p, labels in counted) / len(counted), len(counted)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32") -> dict[str, float]:
-    """Top-1 and top-5 accuracy, mean cross-entropy and the number of images of `loader` (uint8 batches)."""
+def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
+             real: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """Top-1 and top-5 accuracy, mean cross-entropy and the number of images of `loader` (uint8 batches); with
+    `real` (the ReaL label sets of the loader's images, in its order) also real_top1 and real_n."""
     from . import data
 
     cfg = unwrap(model).cfg
@@ -52,6 +69,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
     k = min(5, cfg.num_classes)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-k hits
     n = 0
+    predictions = []
     for batch in loader:
         if batch is None:  # every image of the batch was unreadable and skipped (bad_images="skip")
             continue
@@ -63,19 +81,24 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
         hits = logits.topk(k, dim=-1).indices == labels[:, None]  # (B, k)
         totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(), hits.any(-1).sum()])
         n += len(labels)
+        if real is not None:
+            predictions.append(logits.argmax(-1).cpu())
     model.train(was_training)
     if n == 0:
         raise data.DataError("the evaluation split holds no readable image")
     loss, top1, top5 = (totals / n).tolist()
-    return dict(top1=top1, top5=top5, loss=loss, n=n)
+    result = dict(top1=top1, top5=top5, loss=loss, n=n)
+    if real is not None:
+        result["real_top1"], result["real_n"] = real_accuracy(torch.cat(predictions).tolist(), real)
+    return result
 
 
 class Classification:
     """The evaluator of one labelled split: `run(model)` gives its top1, top5, loss and n."""
 
     def __init__(self, dataset, name: str, *, batch_size: int, device: torch.device, precision: str,
-                 num_workers: int = 0):
-        self.dataset, self.name = dataset, name
+                 num_workers: int = 0, real: Sequence[Sequence[int]] | None = None):
+        self.dataset, self.name, self.real = dataset, name, real
         self.batch_size, self.device, self.precision, self.num_workers = batch_size, device, precision, num_workers
 
     def run(self, model: nn.Module) -> dict[str, float]:
@@ -85,7 +108,7 @@ class Classification:
             self.dataset, self.batch_size, shuffle=False, seed=0, epoch=0, num_workers=self.num_workers,
             even=False, pin_memory=self.device.type == "cuda",
         )
-        return evaluate(model, loader, self.device, self.precision)
+        return evaluate(model, loader, self.device, self.precision, self.real)
 
 
 def _device() -> torch.device:
@@ -114,6 +137,144 @@ def predict(model: nn.Module, paths: list[str], top_k: int = 5,
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Few-shot linear evaluation (section 4.1: "few-shot accuracies are obtained by solving a regularized
+# least-squares regression problem that maps the (frozen) representation of a subset of training images to
+# {-1, 1}^K target vectors"), as big_vision's `evaluators/fewshot_lsr.py` computes it.
+# --------------------------------------------------------------------------------------------------------------
+
+# big_vision's few-shot configs fix the regulariser (`configs/common_fewshot.py`: `l2_reg = 2.0 ** 10`); its
+# evaluator is written to solve for many regularisers from one eigendecomposition, but it evaluates the single
+# configured one ("even though we currently used the fixed l2_reg constant"), with no search on held-out shots.
+FEWSHOT_L2_REG = 2.0**10
+FEWSHOT_BIAS = 100.0  # big_vision's BIAS_CONSTANT
+
+
+# The solver. X (n, d): the features of the n = k·K few-shot images, each dimension whitened with the mean and
+# standard deviation of these n (std + 1e-5), then a constant column c = 100 appended: the bias, a weight like the
+# others but, multiplied by c, all but unregularised. Y (n, K): targets 2·onehot - 1 in {-1, 1}^K. The map
+#
+#     W = argmin_W ‖X W - Y‖² + λ ‖W‖²
+#
+# zeroes the gradient 2 Xᵀ(X W - Y) + 2 λ W, so (XᵀX + λ I_d) W = XᵀY and W = (XᵀX + λ I_d)⁻¹ XᵀY: a d×d
+# system. With fewer images than dimensions (n < d) the push-through identity (XᵀX + λI_d)⁻¹Xᵀ = Xᵀ(XXᵀ + λI_n)⁻¹
+# (multiply both sides by XXᵀ + λI_n on the right and XᵀX + λI_d on the left) gives W = Xᵀ (XXᵀ + λ I_n)⁻¹ Y, an
+# n×n system; big_vision picks the smaller system too. A test image x is assigned argmax_k ([whiten(x), c] W)_k.
+def ridge_solve(x: np.ndarray, y: np.ndarray, l2_reg: float) -> np.ndarray:
+    """W (d, K) minimising ‖x W - y‖² + l2_reg ‖W‖², in closed form (the smaller of the two normal systems)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    n, d = x.shape
+    if n >= d:
+        return np.linalg.solve(x.T @ x + l2_reg * np.eye(d), x.T @ y)
+    return x.T @ np.linalg.solve(x @ x.T + l2_reg * np.eye(n), y)
+
+
+def fewshot_lsr(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, num_classes: int,
+                l2_reg: float = FEWSHOT_L2_REG) -> np.ndarray:
+    """The classes predicted for `x_test` by the regularised least-squares map fitted to (x_train, y_train)."""
+    x_train = np.asarray(x_train, np.float64)
+    mean, std = x_train.mean(0, keepdims=True), x_train.std(0, keepdims=True) + 1e-5
+
+    def design(x):  # whitened, with the bias column
+        x = (np.asarray(x, np.float64) - mean) / std
+        return np.concatenate([x, np.full((len(x), 1), FEWSHOT_BIAS)], axis=1)
+
+    targets = 2.0 * np.eye(num_classes)[np.asarray(y_train)] - 1.0  # (n, K) in {-1, 1}
+    w = ridge_solve(design(x_train), targets, l2_reg)
+    return (design(x_test) @ w).argmax(1)
+
+
+def shot_order(labels: np.ndarray, num_classes: int, seed: int) -> list[np.ndarray]:
+    """Per class, its training indices in a random order drawn from `seed`: k shots are the first k of each
+    (big_vision's draw: `np.random.default_rng(seed)`, one permutation per class in class order)."""
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+
+
+def shot_indices(order: list[np.ndarray], shots: int) -> np.ndarray:
+    """`shots` training indices of every class: balanced, and the same for one seed whatever else is asked."""
+    short = [(c, len(idx)) for c, idx in enumerate(order) if len(idx) < shots]
+    if short:
+        c, n = short[0]
+        from .data import DataError
+
+        raise DataError(f"{shots}-shot needs {shots} training images of every class; class {c} has {n}"
+                        + (f" ({len(short)} classes have too few)" if len(short) > 1 else ""))
+    return np.concatenate([idx[:shots] for idx in order])
+
+
+@torch.no_grad()
+def features(model: nn.Module, dataset, *, batch_size: int, device: torch.device, precision: str = "fp32",
+             indices: Sequence[int] | None = None, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen features (N, F) float32 and labels (N,) of a dataset (or of its `indices`), in its order: the
+    pre-logits representation if the model has one, else the [class] token (or the mean token) after the encoder's
+    LayerNorm: `forward_head(forward_features(x), pre_logits=True)`."""
+    from torch.utils.data import DataLoader
+
+    from . import data
+
+    cfg = unwrap(model).cfg
+    was_training = model.training
+    model.eval()
+    if indices is not None:
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=list(indices), num_workers=num_workers,
+                            collate_fn=data.collate)
+    else:
+        loader = data.make_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, num_workers=num_workers,
+                                  even=False)
+    feats, labels = [], []
+    for images, y in loader:
+        x = data.normalize(images.to(device, non_blocking=True), cfg.mean, cfg.std)
+        with autocast(device, precision):  # bf16 on GPUs: the ridge solve whitens, so 8 mantissa bits suffice
+            f = model.forward_head(model.forward_features(x), pre_logits=True)
+        feats.append(f.float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    if not feats:
+        raise data.DataError("no image to compute features of")
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+
+def fewshot(model: nn.Module, train_set, eval_set, num_classes: int, *, shots: Sequence[int] = (1, 5, 10, 25),
+            seeds: Sequence[int] = range(5), l2_reg: float = FEWSHOT_L2_REG, batch_size: int = 256,
+            device: torch.device | None = None, precision: str = "fp32", num_workers: int = 0) -> dict:
+    """Linear few-shot accuracy on `eval_set` for each number of shots: {"results": {k: {"mean", "std",
+    "accuracy" (per seed)}}, ...}. Features are computed once: for the eval set, and for the training images some
+    seed draws (all of them when the training set is a stream)."""
+    device = device or next(model.parameters()).device
+    common = dict(batch_size=batch_size, device=device, precision=precision, num_workers=num_workers)
+    from . import data
+
+    labels = data.labels_of(train_set)  # known without decoding: featurise only the drawn images
+    orders = {seed: shot_order(labels, num_classes, seed) for seed in seeds} if labels is not None else None
+    if orders is not None:
+        for k in shots:  # every shot count is drawable before any feature is computed
+            shot_indices(orders[seeds[0]], k)
+        needed = np.unique(np.concatenate([idx[:max(shots)] for order in orders.values() for idx in order]))
+        x_train, _ = features(model, train_set, indices=needed.tolist(), **common)
+        row = np.full(len(labels), -1)
+        row[needed] = np.arange(len(needed))  # dataset index -> row of x_train
+    else:
+        x_train, labels = features(model, train_set, **common)
+        orders = {seed: shot_order(labels, num_classes, seed) for seed in seeds}
+        for k in shots:
+            shot_indices(orders[seeds[0]], k)
+        needed = row = np.arange(len(labels))
+    x_test, y_test = features(model, eval_set, **common)
+    results = {}
+    for k in shots:
+        accuracy = []
+        for seed in seeds:
+            idx = shot_indices(orders[seed], k)
+            predicted = fewshot_lsr(x_train[row[idx]], labels[idx], x_test, num_classes, l2_reg)
+            accuracy.append(float((predicted == y_test).mean()))
+        results[int(k)] = dict(mean=float(np.mean(accuracy)),
+                               std=float(np.std(accuracy, ddof=1)) if len(accuracy) > 1 else 0.0,
+                               accuracy=accuracy)
+    return dict(results=results, feature_dim=int(x_test.shape[1]), train_images=len(labels),
+                featurised=int(len(needed)), eval_images=int(len(y_test)), l2_reg=float(l2_reg), seeds=list(seeds))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The commands
 # --------------------------------------------------------------------------------------------------------------
 
@@ -125,6 +286,7 @@ def cmd_eval(args) -> None:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = _device()
     model = load_model(args.ckpt).to(device)
+    _refuse_zero_head(model, args.ckpt)
     cfg = model.cfg
     splits = data.build(
         args.data, image_size=cfg.image_size, in_chans=cfg.in_chans, train_transform=data.TrainAug(),
@@ -135,9 +297,14 @@ def cmd_eval(args) -> None:
     if splits.num_classes != cfg.num_classes:
         raise ConfigError(f"{args.data} has {splits.num_classes} classes, the model in {args.ckpt} has "
                           f"{cfg.num_classes}")
+    real = None
+    if args.real_labels:
+        if args.bad_images == "skip":
+            raise ConfigError("--real-labels pairs labels with images by position: not with --bad-images skip")
+        real = read_real_labels(args.real_labels, splits.eval, cfg.num_classes)
     precision = resolve_precision(args.precision, device)
     evaluator = Classification(splits.eval, splits.eval_name, batch_size=args.batch_size, device=device,
-                               precision=precision, num_workers=args.num_workers)
+                               precision=precision, num_workers=args.num_workers, real=real)
     result = evaluator.run(model)
     if args.json:
         record = dict(result, split=splits.eval_name, data=args.data, checkpoint=str(args.ckpt))
@@ -146,6 +313,85 @@ def cmd_eval(args) -> None:
     print(f"loss: {result['loss']:.4f}")
     print(f"top1: {result['top1']:.4f}")
     print(f"top5: {result['top5']:.4f}")
+    if real is not None:
+        print(f"ReaL top1: {result['real_top1']:.4f} ({result['real_n']} images with ReaL labels)")
+
+
+def read_real_labels(path: Path, dataset, num_classes: int) -> list[list[int]]:
+    """The ReaL label sets of `dataset`'s images in its order, from a real.json whose entries follow the sorted
+    file names (ILSVRC2012_val_00000001.JPEG, ...), as google-research/reassessed-imagenet publishes it."""
+    from . import data
+
+    try:
+        real = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise data.DataError(f"{path}: cannot read ReaL labels ({e})") from None
+    if not isinstance(real, list) or not all(
+        isinstance(r, list) and all(isinstance(k, int) and 0 <= k < num_classes for k in r) for r in real
+    ):
+        raise data.DataError(f"{path}: expected a list with one list of class indices (0..{num_classes - 1}) per "
+                             "image")
+    if not isinstance(dataset, data.MapDataset):
+        raise data.DataError("ReaL labels pair with images by their position: evaluate an indexed split (folder:PATH)"
+                             ", not a stream of shards")
+    if len(real) != len(dataset):
+        raise data.DataError(f"{path} has {len(real)} entries, the evaluation split {len(dataset)} images")
+    names = data.file_names_of(dataset)
+    if names is None:  # no files: the images' own order
+        return real
+    by_name = sorted(range(len(names)), key=lambda i: names[i])  # the j-th file name in sorted order is image i
+    ordered: list[list[int]] = [[] for _ in names]
+    for j, i in enumerate(by_name):
+        ordered[i] = real[j]
+    return ordered
+
+
+def _refuse_zero_head(model: nn.Module, ckpt) -> None:
+    if head_is_zero(model):
+        raise CheckpointError(
+            f"{ckpt}: the head is all zero (the official ImageNet-21k checkpoints ship one), so every class scores "
+            f"the same: fine-tune a head (vitlab finetune --init {ckpt} ...) or measure the features (vitlab fewshot)"
+        )
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def cmd_fewshot(args) -> None:
+    from . import data
+
+    if args.seeds < 1 or args.batch_size < 1 or not args.l2_reg > 0:
+        raise ConfigError("--seeds and --batch-size must be >= 1 and --l2-reg > 0")
+    device = _device()
+    model = load_model(args.ckpt).to(device)
+    cfg = model.cfg
+    splits = data.build(args.data, image_size=cfg.image_size, in_chans=cfg.in_chans, train_transform=None,
+                        val_split=args.val_split, split=args.split)
+    if splits.eval is None:
+        raise data.DataError(f"{args.data} has no val or test split; pass --val-split FRACTION")
+    shots = sorted(set(args.shots))
+    result = fewshot(model, splits.train, splits.eval, splits.num_classes, shots=shots, seeds=range(args.seeds),
+                     l2_reg=args.l2_reg, batch_size=args.batch_size, device=device,
+                     precision=resolve_precision(args.precision, device), num_workers=args.num_workers)
+    kind = "pre-logits" if cfg.representation_size else "[class] token" if cfg.classifier == "token" else "mean-pooled"
+    print(f"{args.ckpt}: {cfg.name or 'ViT'}, {result['feature_dim']}-dim {kind} features; {args.data}: "
+          f"{splits.num_classes} classes, {result['featurised']} of {result['train_images']} training images "
+          f"featurised, {splits.eval_name} {result['eval_images']} images; l2 reg {args.l2_reg:g}, "
+          f"{args.seeds} seed{'s' if args.seeds > 1 else ''}")
+    print(f"{'shots':>5}  {'accuracy':>8}  {'std':>6}")
+    for k, r in result["results"].items():
+        print(f"{k:>5}  {r['mean']:>8.4f}  {r['std']:>6.4f}")
+    if args.json:
+        record = dict(result, results={str(k): v for k, v in result["results"].items()}, data=args.data,
+                      split=splits.eval_name, checkpoint=str(args.ckpt), num_classes=splits.num_classes)
+        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
 
 
 def cmd_predict(args) -> None:
@@ -153,6 +399,7 @@ def cmd_predict(args) -> None:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     device = _device()
     model = load_model(args.ckpt).to(device)
+    _refuse_zero_head(model, args.ckpt)
     results = predict(model, args.images, args.top_k, resolve_precision(args.precision, device))
     for path, top in zip(args.images, results):
         print(path)
@@ -162,10 +409,12 @@ def cmd_predict(args) -> None:
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
-    """Add `vitlab eval` and `vitlab predict` to the `vitlab` command."""
+    """Add `vitlab eval`, `vitlab fewshot` and `vitlab predict` to the `vitlab` command."""
     p = sub.add_parser("eval", help="top-1 / top-5 accuracy of a checkpoint on a labelled split")
-    p.add_argument("ckpt", type=Path, help="vitlab checkpoint directory (a training run's DIR) or official .npz")
-    p.add_argument("--data", required=True, help="fashion-mnist, cifar10, cifar100, folder:PATH or wds:PATTERN")
+    p.add_argument("ckpt", type=Path, help="vitlab checkpoint directory (a training run's DIR), official .npz, or "
+                                         "timm or Hugging Face safetensors")
+    p.add_argument("--data", required=True, help="fashion-mnist, cifar10, cifar100, pets, flowers102, folder:PATH "
+                                                 "or wds:PATTERN")
     p.add_argument("--split", choices=("test", "val"), default=None, help="default: val if there is one, else test")
     p.add_argument("--val-split", type=float, default=None,
                    help="the fraction of the training data cut as val (as in training)")
@@ -174,7 +423,29 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bad-images", choices=("error", "skip"), default="error")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.add_argument("--real-labels", type=Path, default=None, metavar="REAL_JSON",
+                   help="also report ImageNet-ReaL top-1: real.json, one list of labels per validation image in "
+                        "sorted file-name order (images with none are left out)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("fewshot", help="linear few-shot accuracy of frozen features (closed-form ridge)",
+                       description="The paper's few-shot evaluation: k images per class (drawn per seed), their "
+                                   "frozen features mapped to {-1,1}^K by L2-regularised least squares, accuracy on "
+                                   "the held-out split; mean and std over seeds.")
+    p.add_argument("ckpt", type=Path, help="any checkpoint vitlab loads: run DIR, .npz, timm or Hugging Face")
+    p.add_argument("--data", required=True, help="fashion-mnist, cifar10, cifar100, pets, flowers102, folder:PATH "
+                                                 "or wds:PATTERN")
+    p.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25], help="images per class (default 1,5,10,25)")
+    p.add_argument("--seeds", type=int, default=5, help="draws of the shots, seeds 0..N-1 (default 5)")
+    p.add_argument("--l2-reg", type=float, default=FEWSHOT_L2_REG,
+                   help="the ridge regulariser (default 1024, big_vision's)")
+    p.add_argument("--split", choices=("test", "val"), default=None, help="default: val if there is one, else test")
+    p.add_argument("--val-split", type=float, default=None, help="evaluate on this fraction cut from the training data")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_fewshot)
 
     p = sub.add_parser("predict", help="the most probable classes of image files")
     p.add_argument("ckpt", type=Path, help="vitlab checkpoint directory (its config.json names the classes)")

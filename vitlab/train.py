@@ -1,9 +1,10 @@
 """Training a ViT: `TrainConfig`, its presets, and `train(cfg)`, one loop read top to bottom.
 
-The sections of `train` follow big_vision's `train.py`: setup, data, model, init (scratch | resume; pretrained
-weights arrive with fine-tuning), evaluators, loop. The defaults are the paper's (section 4.1, appendix B.1):
-Adam with β1 = 0.9, β2 = 0.999 and a decoupled weight decay of 0.1, a linear learning-rate warm-up then a linear
-decay, gradients clipped at global norm 1; SGD with momentum 0.9 and no weight decay is the fine-tuning optimizer.
+The sections of `train` follow big_vision's `train.py`: setup, data, model, init (scratch | resume | pretrained),
+evaluators, loop. The defaults are the paper's (section 4.1, appendix B.1): Adam with β1 = 0.9, β2 = 0.999 and a
+decoupled weight decay of 0.1, a linear learning-rate warm-up then a linear decay, gradients clipped at global
+norm 1. Fine-tuning (`vitlab finetune`, `FINE_TUNE`) is the same loop from pretrained weights (`init`): SGD with
+momentum 0.9, no weight decay, warm-up then cosine decay, a new zero head (appendix B.1.1).
 
 A run directory DIR holds:
 
@@ -54,8 +55,11 @@ from .weights import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     CheckpointError,
+    adapt,
     atomic_write,
     atomic_write_text,
+    head_is_zero,
+    load_model,
     read_config,
     read_safetensors,
     save_checkpoint,
@@ -88,11 +92,15 @@ class TrainConfig:
     of a `--config FILE.yaml`; values are checked against the field types on construction."""
 
     # data (vitlab.data)
-    data: str | None = _opt(None, "required: fashion-mnist, cifar10, cifar100, folder:PATH or wds:PATTERN")
-    image_size: tuple[int, int] = _opt((224, 224), "the model's input resolution, N or HxW")
-    in_chans: int | None = _opt(None, "1 or 3 (default: 1 for fashion-mnist, else 3)")
-    mean: tuple[float, ...] | None = _opt(None, "per-channel input mean, e.g. 0.286 (default 0.5: inputs in [-1, 1])")
-    std: tuple[float, ...] | None = _opt(None, "per-channel input std (default 0.5)")
+    data: str | None = _opt(None, "required: fashion-mnist, cifar10, cifar100, pets, flowers102, folder:PATH or "
+                                  "wds:PATTERN")
+    image_size: tuple[int, int] | None = _opt(None, "the model's input resolution, N or HxW (default 224; with "
+                                                    "--init the source's: the paper fine-tunes at 384)")
+    in_chans: int | None = _opt(None, "1 or 3 (default: 1 for fashion-mnist, else 3; with --init the source's, grey "
+                                      "images replicated to 3 channels)")
+    mean: tuple[float, ...] | None = _opt(None, "per-channel input mean, e.g. 0.286 (default 0.5: inputs in [-1, 1]; "
+                                                "with --init the source's)")
+    std: tuple[float, ...] | None = _opt(None, "per-channel input std (default 0.5; with --init the source's)")
     val_split: float | None = _opt(None, "evaluate on this fraction cut from the training data instead of the test set")
     bad_images: Literal["error", "skip"] = _opt("error", "an unreadable image stops the run, or is skipped")
     num_workers: int = _opt(2, "DataLoader worker processes per training process")
@@ -105,8 +113,11 @@ class TrainConfig:
     mixup: float = _opt(0.0, "MixUp alpha (0: off)")
     cutmix: float = _opt(0.0, "CutMix alpha (0: off)")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
-    # model: a variant of the paper's table, optionally changed field by field
-    model: str | None = _opt(None, "required: a variant, e.g. vit-b/16, vit-s/4, vit-ti/7")
+    # model: a variant of the paper's table, optionally changed field by field; or pretrained weights
+    model: str | None = _opt(None, "required without --init: a variant, e.g. vit-b/16, vit-s/4, vit-ti/7")
+    init: str | None = _opt(None, "start from pretrained weights (fine-tuning): a vitlab checkpoint or run DIR, an "
+                                  "official .npz, or a timm or Hugging Face ViT in safetensors (file or directory)")
+    keep_pre_logits: bool = _opt(False, "with --init: keep the source's pre-logits layer (the paper drops it)")
     hidden_size: int | None = _opt(None, "override the variant's width D")
     num_layers: int | None = _opt(None, "override the variant's depth L")
     num_heads: int | None = _opt(None, "override the variant's number of heads")
@@ -116,6 +127,8 @@ class TrainConfig:
     representation_size: int | None = _opt(None, "add the pre-logits layer (Dense + tanh) of this width")
     dropout: float | None = _opt(None, "dropout rate (default 0)")
     attention_dropout: float | None = _opt(None, "attention dropout rate (default 0)")
+    gelu: Literal["tanh", "exact"] | None = _opt(None, "GELU form (default: tanh as the official model; with --init "
+                                                      "the source's)")
     # optimisation
     epochs: int | None = _opt(None, "passes over the training data (default 10; or set --steps)")
     steps: int | None = _opt(None, "optimizer steps, instead of --epochs")
@@ -145,9 +158,18 @@ class TrainConfig:
         hints = get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
-        for name in ("data", "model"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name} is required (--{name})")
+        if not self.data:
+            raise ConfigError("data is required (--data)")
+        if self.init is None and not self.model:
+            raise ConfigError("model is required (--model), or pretrained weights (--init)")
+        if self.init is not None:  # the architecture is the source's; only what adapt() can change may be set
+            fixed = [n for n in ("model", "hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier",
+                                 "representation_size") if getattr(self, n) is not None]
+            if fixed:
+                raise ConfigError(f"{', '.join(fixed)} cannot be set with init: the architecture is that of "
+                                  f"{self.init}")
+        elif self.keep_pre_logits:
+            raise ConfigError("keep_pre_logits needs pretrained weights (--init)")
         if self.epochs is not None and self.steps is not None:
             raise ConfigError(f"set epochs ({self.epochs}) or steps ({self.steps}), not both")
         if self.steps is None and self.epochs is None:
@@ -167,18 +189,44 @@ class TrainConfig:
                     raise ConfigError(f"{name} must be {wanted}, got {value}")
         if self.weight_decay is None:
             self.weight_decay = 0.1 if self.optimizer == "adamw" else 0.0
+        if self.init is not None:
+            return  # image size, channels and normalisation default to the source's (`with_source`)
+        if self.image_size is None:
+            self.image_size = (224, 224)
         if self.in_chans is None:
             from . import data
 
             self.in_chans = 1 if data.parse_spec(self.data).kind == "fashion-mnist" else 3
         self.model_config(num_classes=1)  # the model's own checks: patch vs image size, heads vs width, mean/std
 
-    def model_config(self, num_classes: int, class_names: list[str] | None = None) -> ViTConfig:
-        """The ViTConfig of the model this run trains, for a dataset of `num_classes` classes."""
+    def with_source(self, source: ViTConfig) -> "TrainConfig":
+        """This config with what it leaves unset taken from the pretrained model's: resolution, channels, the input
+        normalisation and the GELU form (the weights expect the inputs and activations they were trained with)."""
+        if self.in_chans is not None and self.in_chans != source.in_chans:
+            raise ConfigError(f"in_chans {self.in_chans} differs from the {source.in_chans} of {self.init}; "
+                              f"leave it unset: grey images are replicated to {source.in_chans} channels")
+        resolved = dataclasses.replace(
+            self, image_size=self.image_size or source.image_size, in_chans=source.in_chans,
+            mean=self.mean or source.mean, std=self.std or source.std, gelu=self.gelu or source.gelu,
+        )
+        resolved.model_config(num_classes=1, source=source)  # patch vs image size, mean/std vs channels
+        return resolved
+
+    def model_config(self, num_classes: int, class_names: list[str] | None = None,
+                     source: ViTConfig | None = None) -> ViTConfig:
+        """The ViTConfig of the model this run trains, for a dataset of `num_classes` classes; from the pretrained
+        model's config `source` when fine-tuning (its pre-logits layer dropped unless kept, section 3.1)."""
+        if source is not None:
+            changes = dict(image_size=self.image_size, num_classes=num_classes, class_names=class_names,
+                           mean=self.mean, std=self.std, gelu=self.gelu, dropout_rate=self.dropout,
+                           attention_dropout_rate=self.attention_dropout,
+                           representation_size=source.representation_size if self.keep_pre_logits else None)
+            return source.replace(**{k: v for k, v in changes.items() if v is not None or k in (
+                "class_names", "representation_size")})
         overrides = dict(
             hidden_size=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
             classifier=self.classifier, representation_size=self.representation_size,
-            dropout_rate=self.dropout, attention_dropout_rate=self.attention_dropout,
+            dropout_rate=self.dropout, attention_dropout_rate=self.attention_dropout, gelu=self.gelu,
         )
         return variant_config(
             self.model, image_size=self.image_size, in_chans=self.in_chans, num_classes=num_classes,
@@ -303,6 +351,27 @@ def fashion_mnist_demo() -> TrainConfig:
 
 
 PRESETS = {"fashion-mnist-demo": fashion_mnist_demo}
+
+# The paper's fine-tuning (appendix B.1.1, Table 4) as the official code sets it (google-research/
+# vision_transformer `vit_jax/configs/common.py`): SGD with momentum 0.9, no weight decay, batch 512 accumulated
+# over 8 micro-batches, gradients clipped at global norm 1, warm-up then cosine decay, peak learning rate 0.03
+# (the paper sweeps {0.001, 0.003, 0.01, 0.03}), 10k steps (CIFAR; ImageNet 20k, Pets and Flowers 500).
+# vit_jax warms up for 500 of its 10k steps; here a fraction of the run, so that a shorter run still decays.
+FINE_TUNE = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, lr=0.03, warmup=0.05, schedule="cosine",
+                 grad_clip=1.0, batch_size=512, accum_steps=8, steps=10_000)
+
+
+def fine_tune(**fields) -> TrainConfig:
+    """The paper's fine-tuning from pretrained weights `init` on `data`, at the source's resolution unless
+    `image_size` says otherwise: the defaults of `vitlab finetune`.
+
+    Command:  vitlab finetune --init ViT-B_16.npz --data cifar10 --image-size 384 --out runs/ft
+    Expected: the paper's Table 2 numbers need its ImageNet-21k checkpoints and accelerators (ViT-B/16 on
+              CIFAR-10: 98.1 %); experiments/transfer.py measures the effect at this machine's scale
+    Time:     10k steps of 512 images at 384 px: hours on one GPU, not a CPU job; --steps sets the length
+    Hardware: one GPU (fits ViT-B/16 at 384 px with --accum-steps 8); CPUs for tiny models
+    """
+    return make_config(("fine-tuning defaults", FINE_TUNE), ("fields", fields))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -624,6 +693,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
                               "or choose another --out")
         if distributed:
             dist.barrier()  # all have checked DIR, and a save a killed run left is finished, before DIR is read
+        # Pretrained weights (fine-tuning) decide the architecture and what the images must look like to them:
+        # resolution unless changed, channels, normalisation. A resumed run's own checkpoint stands in for them.
+        source, source_cfg = None, None
+        if cfg.init is not None:
+            if resume and (out / STATE_FILE).exists():
+                source_cfg = read_config(out)
+            else:
+                source = load_model(cfg.init)
+                source_cfg = source.cfg
+            cfg = cfg.with_source(source_cfg)
 
         # ---- data ------------------------------------------------------------------------------------------
         aug = data.TrainAug(crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip, randaugment=cfg.randaugment)
@@ -639,7 +718,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
         mix = data.batch_mix(cfg.mixup, cfg.cutmix, splits.num_classes)
 
         # ---- model -----------------------------------------------------------------------------------------
-        model_cfg = cfg.model_config(splits.num_classes, splits.class_names)
+        model_cfg = cfg.model_config(splits.num_classes, splits.class_names, source=source_cfg)
         _seed_all(cfg.seed)
         model = VisionTransformer(model_cfg).to(device)  # the official initialisers, from the seed
         optimizer = make_optimizer(model, cfg, device)
@@ -647,7 +726,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
         # product for the activations' gradients, one for the weights'), so a trained image costs 3 forwards.
         flops_per_image = 3 * forward_flops(model_cfg)
 
-        # ---- init: scratch (above) | resume (the run's last checkpoint) | pretrained (fine-tuning, to come) ---
+        # ---- init: scratch (above) | resume (the run's last checkpoint) | pretrained (fine-tuning) -----------
         step, epoch, batch_in_epoch = 0, 0, 0  # optimizer steps done; the epoch, and its batches consumed
         last_saved, saved_rng = None, None
         if resume and (out / STATE_FILE).exists():
@@ -662,6 +741,27 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
                 saved_rng = state["rng"][rank]
             elif is_main:
                 print(f"resuming on {world_size} processes a run saved on {len(state['rng'])}: new random streams")
+        elif source is not None:
+            # Section 3.2 and appendix B.1.1: the pretrained weights, a new zero-initialised head for the new
+            # classes (every class starts equally likely), the pre-logits layer dropped unless kept, the position
+            # embeddings interpolated in 2-D to the new patch grid.
+            changes = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(ViTConfig)
+                       if getattr(model_cfg, f.name) != getattr(source_cfg, f.name)}
+            pretrained = adapt(source, new_head=True, **changes)
+            assert pretrained.cfg == model_cfg, (pretrained.cfg, model_cfg)
+            model.load_state_dict(pretrained.state_dict())
+            if is_main:
+                (h, w), (H, W) = source_cfg.grid_size, model_cfg.grid_size
+                dropped = source_cfg.representation_size and not model_cfg.representation_size
+                print(f"init: {cfg.init}: position embeddings {h}x{w} -> {H}x{W} patches"
+                      + (" (interpolated in 2-D)" if (h, w) != (H, W) else "")
+                      + f", a new zero head for {model_cfg.num_classes} classes"
+                      + (", the pre-logits layer dropped" if dropped else "")
+                      + f"; inputs normalised with mean {model_cfg.mean} std {model_cfg.std}, {model_cfg.gelu} GELU")
+                if head_is_zero(source):
+                    print(f"note: the head of {cfg.init} is all zero (as in the official ImageNet-21k "
+                          "checkpoints): it could not have been evaluated, and is replaced")
+            del source, pretrained
         _seed_all(cfg.seed + 1 + rank)  # each process's own dropout stream (a resume restores its saved one)
         net = torch.compile(model) if cfg.compile else model
         train_net = net
@@ -680,7 +780,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             atomic_write_text(out / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
             log = RunLog(out, step)
             stack.callback(log.close)
-            print(f"{out}: {model_cfg.name} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+            print(f"{out}: {model_cfg.name or 'ViT'} ({sum(p.numel() for p in model.parameters()):,} parameters, "
                   f"{model_cfg.num_patches} patches of {model_cfg.patch_size[0]}x{model_cfg.patch_size[1]}); "
                   f"{cfg.data}: {splits.train_size} training images, {splits.num_classes} classes; {total_steps} "
                   f"steps of {cfg.batch_size} images; {world_size} process{'es' if distributed else ''} on "
@@ -838,10 +938,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def cmd_train(args) -> None:
+def cmd_train(args, defaults: tuple[str, dict] | None = None) -> None:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume:
-        if args.config or args.preset:
+        if args.config or getattr(args, "preset", None):
             raise ConfigError("--resume reads the run's own config: pass changes as flags, not --config or --preset")
         if overrides.get("out") not in (None, str(args.resume)):
             raise ConfigError(f"--out {overrides['out']} differs from --resume {args.resume}")
@@ -850,8 +950,8 @@ def cmd_train(args) -> None:
             raise CheckpointError(f"{args.resume}: no {TRAIN_CONFIG_FILE}: not a training run to resume")
         layers = [(str(saved), read_config_file(saved)), ("command line", dict(overrides, out=str(args.resume)))]
     else:
-        layers = []
-        if args.preset:
+        layers = [defaults] if defaults else []
+        if getattr(args, "preset", None):
             if args.preset not in PRESETS:
                 raise ConfigError(f"unknown preset {args.preset!r}: choose from {', '.join(PRESETS)}")
             preset = PRESETS[args.preset]()
@@ -866,18 +966,41 @@ def cmd_train(args) -> None:
         train(cfg, resume=bool(args.resume))
     except TrainingStopped as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"vitlab train: {e}", file=sys.stderr)
+            print(f"vitlab {args.command}: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
 
 
+def cmd_finetune(args) -> None:
+    """`vitlab train` from pretrained weights, starting from the fine-tuning defaults (`FINE_TUNE`)."""
+    if not args.resume and not getattr(args, "init", None):
+        raise ConfigError("--init is required: the pretrained weights to fine-tune")
+    cmd_train(args, defaults=("fine-tuning defaults", FINE_TUNE))
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:
-    """Add `vitlab train`: one flag per TrainConfig field, plus --config, --preset and --resume."""
+    """Add `vitlab train` and `vitlab finetune`: one flag per TrainConfig field, plus --config and --resume (and
+    --preset for train)."""
     p = sub.add_parser(
         "train", help="train a ViT (from scratch, or continue a run with --resume)",
         description="Train a ViT. Settings come from the defaults, then --preset, then --config FILE.yaml, then flags.",
     )
-    p.add_argument("--config", type=Path, default=None, help="a YAML file of TrainConfig fields")
     p.add_argument("--preset", default=None, help=f"start from a preset: {', '.join(PRESETS)}")
+    _add_run_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    defaults = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in FINE_TUNE.items())
+    p = sub.add_parser(
+        "finetune", help="fine-tune pretrained weights (--init) on new data at a new resolution",
+        description="Fine-tune as the paper does (appendix B.1.1): the weights of --init with a new zero head, the "
+                    "pre-logits layer dropped, the position embeddings interpolated to --image-size; the training "
+                    f"loop of `vitlab train` with other defaults ({defaults}), then --config FILE.yaml, then flags.",
+    )
+    _add_run_flags(p)
+    p.set_defaults(func=cmd_finetune)
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="a YAML file of TrainConfig fields")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR where it stopped")
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -889,4 +1012,3 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
             choices = _literal_choices(hints[f.name])
             metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
             p.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help)
-    p.set_defaults(func=cmd_train)
