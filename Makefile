@@ -30,6 +30,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install data
+	rm -rf $(DEMO_OUT)  # each demo is a fresh run from scratch
 	$(VENV)/bin/vitlab train --preset fashion-mnist-demo --out $(DEMO_OUT)
 
 bench: install

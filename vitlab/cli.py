@@ -14,16 +14,10 @@ class UserError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DataError
     from .weights import CheckpointError
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, UserError]
-    try:
-        from .data import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ConfigError, CheckpointError, DataError, UserError)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -125,14 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Commands that live beside their module (training, evaluation, ...)."""
-    registers = []
-    for name in ("train", "evaluate", "inspect"):
-        try:
-            registers.append(importlib.import_module(f".{name}", __package__).register_cli)
-        except (ImportError, AttributeError):
-            pass
-    return registers
+    """Commands that live beside their module (training, evaluation, inspection)."""
+    return [importlib.import_module(f".{name}", __package__).register_cli for name in ("train", "evaluate", "inspect")]
 
 
 def main(argv: list[str] | None = None) -> int:
