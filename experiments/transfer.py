@@ -131,7 +131,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cifar = args.cifar if os.path.isabs(args.cifar) else str(ROOT / args.cifar)
     started, times = time.perf_counter(), {}
-    common = dict(num_workers=args.num_workers, seed=0)
+    common = dict(num_workers=args.num_workers, seed=0, precision="bf16")
 
     # ---- 1. pre-training on CIFAR-10 at 32 px --------------------------------------------------------------
     t = time.perf_counter()
@@ -151,7 +151,8 @@ def main() -> None:
     # ---- (a) fine-tuning at 48 px against scratch ----------------------------------------------------------
     t = time.perf_counter()
     # in memory, batched by the dataset itself: worker processes would only add their start-up
-    tune = dict(data="fashion-mnist", image_size=(48, 48), accum_steps=1, **TUNE[mode], seed=0, num_workers=0)
+    tune = dict(data="fashion-mnist", image_size=(48, 48), accum_steps=1, **TUNE[mode], seed=0, num_workers=0,
+                precision="bf16")
     runs = {
         "fine-tuned (SGD)": (work / "finetune", fine_tune(init=str(pretrained), **tune, out=str(work / "finetune"))),
         "scratch (AdamW)": (work / "scratch-adamw", TrainConfig(**MODEL[mode], in_chans=3, **tune, **SCRATCH_ADAMW,

@@ -311,3 +311,22 @@ def test_public_api():
     assert vitlab.create_model is create_model
     for name in ("load_model", "save_checkpoint", "export_npz", "resize_pos_embed", "ViTConfig"):
         assert hasattr(vitlab, name)
+
+
+def test_bf16_on_cpu_takes_the_written_out_path_with_the_same_result(monkeypatch):
+    """On CPUs in bf16 the fused kernel is the slow one (model._fused_pays); both paths compute Eq. 6."""
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny()).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(4, 3, 16, 16)
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        written_out = model(x).float()
+    assert calls == []
+    with torch.no_grad():
+        fused = model(x)
+    assert len(calls) == 2
+    assert (written_out - fused).abs().max() < 0.05 * fused.abs().max()
