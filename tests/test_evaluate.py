@@ -8,22 +8,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tiny import TINY, blocks, tiny_world, write_fashion_mnist
+from tiny import TINY, blocks, tiny_world, write_fashion_mnist, fashion_dir, world  # noqa: F401 (fixtures)
 from vitlab import cli, data
 from vitlab.evaluate import Classification, evaluate, predict
 from vitlab.train import TrainConfig, train
 from vitlab.weights import load_model
-
-
-@pytest.fixture(scope="module")
-def fashion_dir(tmp_path_factory):
-    return write_fashion_mnist(tmp_path_factory.mktemp("fashion-mnist"))
-
-
-@pytest.fixture(autouse=True)
-def world(fashion_dir):
-    with tiny_world(fashion_dir):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny import TINY, tiny_world, write_fashion_mnist
+from tiny import TINY, tiny_world, write_fashion_mnist, fashion_dir, world  # noqa: F401 (fixtures)
 from vitlab import cli, data
 from vitlab.evaluate import (
     FEWSHOT_L2_REG,
@@ -21,17 +21,6 @@ from vitlab.evaluate import (
 from vitlab.model import VisionTransformer
 from vitlab.train import TrainConfig
 from vitlab.weights import save_checkpoint
-
-
-@pytest.fixture(scope="module")
-def fashion_dir(tmp_path_factory):
-    return write_fashion_mnist(tmp_path_factory.mktemp("fashion-mnist"))
-
-
-@pytest.fixture(autouse=True)
-def world(fashion_dir):
-    with tiny_world(fashion_dir):
-        yield
 
 
 @pytest.mark.parametrize("n,d", [(40, 7), (6, 30)])  # more images than dimensions, and fewer

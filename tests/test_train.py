@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import TINY, flags, tiny_world, write_fashion_mnist
+from tiny import TINY, flags, tiny_world, write_fashion_mnist, fashion_dir, world  # noqa: F401 (fixtures)
 from vitlab import cli
 from vitlab import train as train_module
 from vitlab.train import PRESETS, TrainConfig, learning_rate, make_config, make_optimizer, train
@@ -22,17 +22,6 @@ from vitlab.weights import load_model
 
 # For bit-exact resumes: everything random on (dropout, mixup, pad-crop and flips), saved every 8 steps.
 RANDOM = dict(TINY, epochs=3, dropout=0.1, mixup=0.2, crop="pad", flip=True, deterministic=True, save_every=8)
-
-
-@pytest.fixture(scope="session")
-def fashion_dir(tmp_path_factory):
-    return write_fashion_mnist(tmp_path_factory.mktemp("fashion-mnist"))
-
-
-@pytest.fixture(autouse=True)
-def world(fashion_dir):
-    with tiny_world(fashion_dir):
-        yield
 
 
 def subprocess_env(**extra):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tiny import TINY, tiny_world, write_fashion_mnist
+from tiny import TINY, tiny_world, write_fashion_mnist, fashion_dir, world  # noqa: F401 (fixtures)
 from vitlab import cli, data
 from vitlab.evaluate import real_accuracy, read_real_labels
 from vitlab.model import ConfigError, ViTConfig, VisionTransformer
@@ -24,17 +24,6 @@ from vitlab.weights import CheckpointError, adapt, load_model, resize_pos_embed,
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def fashion_dir(tmp_path_factory):
-    return write_fashion_mnist(tmp_path_factory.mktemp("fashion-mnist"))
-
-
-@pytest.fixture(autouse=True)
-def world(fashion_dir):
-    with tiny_world(fashion_dir):
-        yield
 
 
 def randomise(model, seed=0, scale=0.2):

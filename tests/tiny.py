@@ -72,3 +72,19 @@ def flags(fields: dict) -> list[str]:
         else:
             out += [flag, str(value)]
     return out
+
+
+# Fixtures of the modules that train on the tiny set, imported there: `from tiny import fashion_dir, world`.
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    """The tiny set's idx files, written once per test module."""
+    return write_fashion_mnist(tmp_path_factory.mktemp("fashion-mnist"))
+
+
+@pytest.fixture(autouse=True)
+def world(fashion_dir):
+    """Every test of the module runs with `--data fashion-mnist` pointing at the tiny set."""
+    with tiny_world(fashion_dir):
+        yield

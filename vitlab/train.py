@@ -338,8 +338,8 @@ def fashion_mnist_demo() -> TrainConfig:
     """A small plain ViT trained from scratch on Fashion-MNIST: the demo (`make demo`).
 
     Command:  vitlab train --preset fashion-mnist-demo --out runs/demo
-    Expected: DEMO_EXPECTED
-    Time:     DEMO_TIME
+    Expected: test accuracy 0.8895 (measured; short of the 0.90 aimed at), 0.889 after 9 of the 11 epochs.
+    Time:     11 min of training, 12 min 16 s for `make demo` from a fresh clone, install included.
     Hardware: 2 CPU cores (x86-64 with AVX-512 bf16), no GPU.
 
     The recipe (experiments/demo_recipe/RESULTS.md has every run behind it): patch 7 (16 tokens: patch 4's 49
