@@ -79,6 +79,24 @@ def fashion_subset(source: Path, out: Path, train_images: int, test_images: int,
     return out
 
 
+def pretrain_settings(run: Path, default: dict) -> dict:
+    """The pre-training settings that matter here, as the run recorded them (a reused --pretrained run too)."""
+    path = run / "train_config.json"
+    if not path.exists():
+        return default
+    recorded = json.loads(path.read_text())
+    return {k: recorded.get(k) for k in ("epochs", "steps", "batch_size", "lr", "weight_decay", "warmup", "schedule",
+                                         "val_split", "precision") if recorded.get(k) is not None}
+
+
+def pretrain_result(run: Path) -> str:
+    """The pre-training run's last evaluation, e.g. 'val top-1 0.5010 after 10 epochs'."""
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = [r for r in rows if r.get("split") in ("val", "test")]
+    return f"{rows[-1]['split']} top-1 {rows[-1]['top1']:.4f} after {rows[-1]['epoch']:g} epochs" if rows else "no evaluation"
+
+
 def evals(run: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["top1"]) for r in rows if r["split"] == "test"]
@@ -194,13 +212,14 @@ def main() -> None:
     lines = [
         f"# Transfer at small scale{' (--quick: a smoke test, not a result)' if args.quick else ''}",
         "",
-        f"Command: `python experiments/transfer.py{' --quick' if args.quick else ''}`; wall time {wall / 60:.1f} "
+        f"Command: `python experiments/transfer.py{' --quick' if args.quick else ''}{f' --pretrained {args.pretrained}' if args.pretrained else ''}`; wall time {wall / 60:.1f} "
         f"min ({', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())}), {torch.get_num_threads()} torch "
         "threads on CPU.",
         "",
         f"Model: {cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_heads} heads, MLP {cfg.mlp_dim}, "
         f"patches {cfg.patch_size[0]}x{cfg.patch_size[1]}, [class] token. Pre-trained on CIFAR-10 at 32 px "
-        f"({', '.join(f'{k} {v}' for k, v in PRETRAIN[mode].items())}; `{pretrained}`).",
+        f"({', '.join(f'{k} {v}' for k, v in pretrain_settings(Path(pretrained), PRETRAIN[mode]).items())}; "
+        f"`{pretrained}`, {pretrain_result(Path(pretrained))}).",
         "",
         f"## (a) Fine-tuning at 48 px on {SUBSET[mode]:,} Fashion-MNIST images, test set of {TEST[mode]:,}",
         "",
