@@ -444,6 +444,15 @@ class _SkipCounter:
         return int(self._slots.sum())
 
 
+def _skip(dataset, exc: DataError) -> None:
+    """An unreadable image: re-raised, or with bad_images="skip" counted in `dataset.skipped`, logged and dropped."""
+    if dataset.bad_images != "skip":
+        raise exc
+    dataset._skips.add()
+    log.warning("skipping %s", exc)
+    return None
+
+
 class _TensorSource:
     """A whole set in memory: images uint8 (N, C, H, W), labels int64 (N,)."""
 
@@ -516,11 +525,7 @@ class MapDataset(Dataset):
         try:
             return self.source.load(j)
         except DataError as exc:
-            if self.bad_images != "skip":
-                raise
-            self._skips.add()
-            log.warning("skipping %s", exc)
-            return None
+            return _skip(self, exc)
 
 
 def collate(batch: list) -> Any:
@@ -631,11 +636,7 @@ class WdsDataset(IterableDataset):
                 raise DataError(f"shard {url} key {key}: class {label} outside 0..{self.num_classes - 1}")
             image = decode_image(data, self.in_chans, name=f"{key} in shard {url}")
         except DataError as exc:
-            if self.bad_images != "skip":
-                raise
-            self._skips.add()
-            log.warning("skipping %s", exc)
-            return None
+            return _skip(self, exc)
         return image, label
 
 

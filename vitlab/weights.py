@@ -208,16 +208,7 @@ def npz_config(arrays: dict[str, np.ndarray], path="npz", source_grid: tuple[int
     representation_size = arrays["pre_logits/kernel"].shape[1] if "pre_logits/kernel" in arrays else None
     num_classes = arrays["head/kernel"].shape[1] if "head/kernel" in arrays else 0
     tokens = _require(arrays, "Transformer/posembed_input/pos_embedding", path, 3).shape[1]
-    num_patches = tokens - (classifier == "token")
-    if source_grid is None:
-        side = math.isqrt(num_patches)
-        if side * side != num_patches:
-            raise CheckpointError(
-                f"{path}: {num_patches} position embeddings do not form a square grid; pass the source grid"
-            )
-        source_grid = (side, side)
-    if source_grid[0] * source_grid[1] != num_patches:
-        raise CheckpointError(f"{path}: grid {source_grid} does not hold {num_patches} position embeddings")
+    source_grid = _source_grid(tokens - (classifier == "token"), path, source_grid, (ph, pw))
     try:
         return ViTConfig(
             image_size=(source_grid[0] * ph, source_grid[1] * pw),
