@@ -285,8 +285,7 @@ def cmd_eval(args) -> None:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = _device()
-    model = load_model(args.ckpt).to(device)
-    _refuse_zero_head(model, args.ckpt)
+    model = _classifier(args.ckpt, device)
     cfg = model.cfg
     splits = data.build(
         args.data, image_size=cfg.image_size, in_chans=cfg.in_chans, train_transform=data.TrainAug(),
@@ -346,6 +345,13 @@ def read_real_labels(path: Path, dataset, num_classes: int) -> list[list[int]]:
     return ordered
 
 
+def _classifier(ckpt, device: torch.device) -> nn.Module:
+    """The checkpoint's model on `device`, refused if its head cannot classify (all zero)."""
+    model = load_model(ckpt).to(device)
+    _refuse_zero_head(model, ckpt)
+    return model
+
+
 def _refuse_zero_head(model: nn.Module, ckpt) -> None:
     if head_is_zero(model):
         raise CheckpointError(
@@ -398,8 +404,7 @@ def cmd_predict(args) -> None:
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     device = _device()
-    model = load_model(args.ckpt).to(device)
-    _refuse_zero_head(model, args.ckpt)
+    model = _classifier(args.ckpt, device)
     results = predict(model, args.images, args.top_k, resolve_precision(args.precision, device))
     for path, top in zip(args.images, results):
         print(path)
