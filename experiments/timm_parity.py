@@ -2,6 +2,13 @@
 
     python experiments/timm_parity.py
 
+Then the hybrids (R50+ViT-B/16, R26+ViT-S/32) the same way, through timm's `vit_base_r50_s16_224` and
+`vit_small_r26_s32_224`, and BiT-R50x1 against timm's `resnetv2_50x1_bit` with the same weights copied in. Their
+GroupNorm scales and biases are drawn at random (the official initialisers would zero every unit's last one).
+The hybrid's numerics differ from timm's by design: the official code standardises weights as
+(w - mean) / (std + 1e-5) with GroupNorm eps 1e-6, timm as (w - mean) / sqrt(var + 1e-8) with eps 1e-5. The
+table gives the difference with vitlab's official numerics and with timm's epsilons set in vitlab's model.
+
 No download: each .npz is written from a ViT with the official initialisation (its zero head replaced by random
 weights, so the logits are not trivially zero), then loaded twice: by timm's own npz loader
 (`timm.models.vision_transformer._load_weights`) and by `vitlab.load_model(..., gelu="exact")` (timm uses the
@@ -59,5 +66,66 @@ def main() -> None:
         print(f"| {name} | {size[0]}x{size[1]} | {rep} | {diff:.2e} | {expected.std().item():.3f} |", flush=True)
 
 
+def randomise_norms(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+
+
+def hybrids() -> None:
+    import timm
+    from timm.models.vision_transformer import _load_weights
+
+    from vitlab.resnet import ResNetV2, StdConv2d, bit_config
+
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp())
+    print()
+    print("| model | image | max abs logit diff, official numerics | with timm's epsilons | logit scale (std) |")
+    print("|---|---|---:|---:|---:|")
+    for name, timm_name in (("R50+ViT-B/16", "vit_base_r50_s16_224"), ("R26+ViT-S/32", "vit_small_r26_s32_224")):
+        cfg = variant_config(name, num_classes=1000, gelu="exact")
+        source = VisionTransformer(cfg)
+        torch.nn.init.normal_(source.head.weight, std=0.02)
+        randomise_norms(source)
+        path = export_npz(source, tmp / "hybrid.npz")
+        ours = load_model(path, gelu="exact")
+        reference = timm.create_model(timm_name, num_classes=1000).eval()
+        _load_weights(reference, str(path))
+        x = torch.randn(4, 3, 224, 224)
+        with torch.no_grad():
+            expected = reference(x)
+            official = (ours(x) - expected).abs().max().item()
+            for m in ours.modules():  # timm's epsilons
+                if isinstance(m, StdConv2d):
+                    m.eps, m.form = 1e-8, "var"
+                elif isinstance(m, torch.nn.GroupNorm):
+                    m.eps = 1e-5
+            same = (ours(x) - expected).abs().max().item()
+        print(f"| {name} | 224x224 | {official:.2e} | {same:.2e} | {expected.std().item():.3f} |", flush=True)
+
+    ours = ResNetV2(bit_config("bit-r50x1", num_classes=1000)).eval()
+    randomise_norms(ours)
+    torch.nn.init.normal_(ours.head.weight, std=0.02)
+    reference = timm.create_model("resnetv2_50x1_bit", num_classes=1000).eval()
+    sd = {}
+    for k, v in ours.state_dict().items():
+        t = {"conv_root.weight": "stem.conv.weight", "head.weight": "head.fc.weight", "head.bias": "head.fc.bias"}.get(k, k)
+        t = t.replace(".units.", ".blocks.").replace("conv_proj", "downsample.conv")
+        for i in "123":
+            t = t.replace(f"gn{i}.", f"norm{i}.")
+        sd[t] = v[:, :, None, None] if k == "head.weight" else v
+    reference.load_state_dict(sd)
+    x = torch.randn(4, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference(x)
+        diff = (ours(x) - expected).abs().max().item()
+    print(f"| BiT-R50x1 (timm resnetv2_50x1_bit) | 224x224 | {diff:.2e} | (eps 1e-10 here, 1e-8 in timm) | "
+          f"{expected.std().item():.3f} |")
+
+
 if __name__ == "__main__":
     main()
+    hybrids()

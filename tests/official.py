@@ -68,3 +68,33 @@ def official_arrays(
 def write_npz(path, arrays: dict[str, np.ndarray]):
     np.savez(path, **arrays)
     return path
+
+
+def hybrid_arrays(*, num_layers: tuple[int, ...] = (1, 1), width: int = 32, patch: tuple[int, int] = (1, 1),
+                  in_chans: int = 3, seed: int = 1, scale: float = 0.2, **vit) -> dict[str, np.ndarray]:
+    """An official hybrid checkpoint (the layout of R50+ViT-B_16.npz): the ViT's arrays, its `embedding` reading
+    the ResNet stem's feature map, and the stem's `conv_root`, `gn_root` and `blockI/unitJ/...` arrays."""
+    rng = np.random.default_rng(seed)
+
+    def r(*shape):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    channels = width if not num_layers else 4 * width * 2 ** (len(num_layers) - 1)
+    a = official_arrays(in_chans=channels, patch=patch, seed=seed + 1, scale=scale, **vit)
+    a["conv_root/kernel"] = r(7, 7, in_chans, width)
+    a["gn_root/scale"], a["gn_root/bias"] = 1 + r(width), r(width)
+    cin = width
+    for i, units in enumerate(num_layers):
+        features = width * 2**i
+        for j in range(units):
+            p = f"block{i + 1}/unit{j + 1}/"
+            shapes = {"conv1": (1, 1, cin, features), "conv2": (3, 3, features, features),
+                      "conv3": (1, 1, features, 4 * features)}
+            if j == 0:  # the first unit changes the width (and the stride after the first stage): a projection
+                shapes["conv_proj"] = (1, 1, cin, 4 * features)
+            for conv, shape in shapes.items():
+                gn = conv.replace("conv", "gn")
+                a[p + conv + "/kernel"] = r(*shape)
+                a[p + gn + "/scale"], a[p + gn + "/bias"] = 1 + r(shape[-1]), r(shape[-1])
+            cin = 4 * features
+    return a

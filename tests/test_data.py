@@ -449,6 +449,26 @@ def test_wds_val_split_by_key_hash(tmp_path):
     assert sorted(numbers(reversed_order.train, shuffle=True, seed=9)) == sorted(train)
 
 
+def test_wds_train_images_is_a_nested_subset_outside_the_val_split(tmp_path):
+    spec = write_shards(tmp_path / "d")
+    full = wds(spec, val_split=0.3)
+    val = set(numbers(full.eval))
+    small, large = wds(spec, val_split=0.3, train_images=10), wds(spec, val_split=0.3, train_images=25)
+    assert small.train_size == 10 and large.train_size == 25
+    a, b = numbers(small.train), numbers(large.train)
+    assert len(a) == 10 and len(b) == 25 and set(a) <= set(b) and not set(b) & val
+    assert numbers(small.eval) == numbers(full.eval)  # the val split is untouched
+    with pytest.raises(data.DataError, match="more than the"):
+        wds(spec, val_split=0.3, train_images=len(numbers(full.train)) + 1)
+
+
+def test_map_train_images_is_a_nested_subset(fmnist):
+    small, large = fm(val_split=0.25, train_images=5), fm(val_split=0.25, train_images=9)
+    assert (small.train_size, large.train_size) == (5, 9)
+    assert set(small.train.indices) <= set(large.train.indices)
+    assert not set(large.train.indices) & set(fm(val_split=0.25).eval.indices)
+
+
 def test_val_split_keys_are_pinned():
     # The hash that cuts a WebDataset val split must never change: a run resumed, or compared, with another
     # vitlab version would otherwise train on its own val samples. Pinned on CIFAR-style keys.

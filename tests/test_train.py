@@ -102,7 +102,7 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero():
 
 def test_no_weight_decay_on_biases_norms_position_embeddings_and_class_token():
     cfg = TrainConfig(**TINY)
-    model = train_module.VisionTransformer(cfg.model_config(num_classes=10))
+    model = train_module.build_model(cfg.model_config(num_classes=10))
     decay, no_decay = make_optimizer(model, cfg, torch.device("cpu")).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -284,3 +284,58 @@ def test_torchrun_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     train(TrainConfig(**EXACT, out=str(tmp_path / "one")))
     assert_same_weights(weights(out), weights(tmp_path / "one"), atol=1e-6)
     assert len(torch.load(out / "train_state.pt", weights_only=True)["rng"]) == 2  # each process's RNG states
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The paper's other models, data subsets, evaluation frequency
+# --------------------------------------------------------------------------------------------------------------
+
+CNN = {k: v for k, v in TINY.items() if k not in ("model", "hidden_size", "num_layers", "num_heads", "mlp_dim")}
+
+
+@pytest.mark.parametrize("model,extra", [
+    ("bit-r26x0.25", dict(image_size=32)),
+    ("r26+vit-ti/8", dict(image_size=32, resnet_num_layers="1,1", resnet_width_factor=0.25, hidden_size=32,
+                          num_layers=2, num_heads=2, mlp_dim=64)),
+])
+def test_bit_and_hybrid_train_evaluate_and_resume(tmp_path, capsys, model, extra):
+    out = tmp_path / "run"
+    fields = dict(CNN, model=model, epochs=3, **extra)
+    assert cli.main(["train", *flags(fields), "--out", str(out)]) == 0
+    accuracy = float(capsys.readouterr().out.strip().splitlines()[-1].split(": ")[1])
+    assert accuracy > 0.3  # the tiny set's blocks; chance is 0.1
+    loaded = load_model(out)
+    assert loaded.cfg.name == {"bit-r26x0.25": "BiT-R26x0.25", "r26+vit-ti/8": "R26+ViT-Ti/8"}[model]
+    train_rows = [r for r in rows(out) if r["split"] == "train"]
+    assert train_rows[-1]["train_flops"] == 3 * train_module.forward_flops(loaded.cfg) * 32 * 48
+    assert cli.main(["eval", str(out), "--data", "fashion-mnist"]) == 0
+    assert f"{accuracy:.4f}" in capsys.readouterr().out
+    # one more epoch from the checkpoint
+    assert cli.main(["train", "--resume", str(out), "--epochs", "4"]) == 0
+    assert [r["step"] for r in rows(out) if r["split"] == "train"][-1] == 64
+
+
+def test_resnet_flags_only_for_resnets(capsys):
+    _one_line_error(capsys, ["train", *flags(TINY), "--resnet-num-layers", "1"], "resnet_num_layers",
+                    "apply to hybrids and BiT ResNets")
+    _one_line_error(capsys, ["train", *flags(dict(CNN, model="bit-r26x1", hidden_size=64))], "hidden_size",
+                    "does not apply to the BiT ResNet")
+
+
+def test_train_images_keeps_a_nested_subset_and_eval_every(tmp_path):
+    from vitlab import data
+
+    small = data.subset_indices(list(range(1000)), 100)
+    large = data.subset_indices(list(range(1000)), 300)
+    assert len(small) == 100 and len(large) == 300 and set(small) <= set(large)
+    keys = [f"k{i:05d}" for i in range(1000)]
+    assert data.in_train_subset(keys, 100) <= data.in_train_subset(keys, 300)
+    assert len(data.in_train_subset(keys, 300)) == 300
+
+    out = tmp_path / "run"
+    train(TrainConfig(**dict(TINY, steps=12, train_images=96, eval_every=5, val_split=0.25), out=str(out)))
+    records = rows(out)
+    assert [r["step"] for r in records if r["split"] == "val"] == [5, 10, 12]
+    assert [r["epoch"] for r in records if r["split"] == "train"][-1] == 4.0  # 96 images = 3 steps an epoch
+    with pytest.raises(Exception, match="more than the 384 training images"):
+        train(TrainConfig(**dict(TINY, steps=1, train_images=385, val_split=0.25), out=str(tmp_path / "big")))

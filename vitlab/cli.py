@@ -50,6 +50,20 @@ def cmd_models(args) -> None:
             f"{r['name']:<10} {r['hidden_size']:>6} {r['num_layers']:>6} {r['num_heads']:>6} {r['mlp_dim']:>6} "
             f"{r['tokens']:>7} {r['params']:>14,} {r['gflops']:>9.2f}"
         )
+    from .model import forward_flops, model_config, num_params
+
+    print(f"\nThe paper's baselines and hybrids at {h}x{w} (`--model NAME`; a hybrid's number is its effective patch)")
+    print(f"{'name':<14} {'ResNet stages':<16} {'tokens':>7} {'params':>14} {'GFLOPs':>9}")
+    for name in ("bit-r26x1", "bit-r50x1", "r+vit-ti/16", "r26+vit-s/32", "r50+vit-b/16", "r50+vit-l/32"):
+        try:
+            cfg = model_config(name, image_size=args.image_size, num_classes=args.num_classes)
+        except ConfigError:  # an image size the hybrid's stride does not divide
+            continue
+        hybrid = hasattr(cfg, "resnet_num_layers")
+        stages = cfg.resnet_num_layers if hybrid else cfg.num_layers
+        tokens = cfg.num_patches + cfg.num_prefix_tokens if hybrid else "-"
+        print(f"{cfg.name:<14} {str(tuple(stages)) if stages else 'root only':<16} {tokens:>7} {num_params(cfg):>14,} "
+              f"{forward_flops(cfg) / 1e9:>9.2f}")
 
 
 def cmd_convert(args) -> None:
@@ -62,8 +76,16 @@ def cmd_convert(args) -> None:
               "scores the same until a head is fine-tuned (vitlab finetune)")
     out = save_checkpoint(model, args.out)
     cfg = model.cfg
+    if not hasattr(cfg, "hidden_size"):  # a BiT ResNet (a vitlab checkpoint converted to itself)
+        print(f"wrote {out}: {cfg.name or 'BiT ResNet'}, stages {cfg.num_layers}, width factor {cfg.width_factor}, "
+              f"image {cfg.image_size[0]}x{cfg.image_size[1]}, {cfg.num_classes} classes")
+        return
+    stem = ""
+    if cfg.resnet_num_layers is not None:
+        stem = (f"a ResNet stem of stages {cfg.resnet_num_layers} and width factor {cfg.resnet_width_factor} "
+                f"(stride {cfg.stem_stride}), ")
     print(
-        f"wrote {out}: {cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_heads} heads, patch "
+        f"wrote {out}: {stem}{cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_heads} heads, patch "
         f"{cfg.patch_size[0]}x{cfg.patch_size[1]}, image {cfg.image_size[0]}x{cfg.image_size[1]}, "
         f"{cfg.num_classes} classes, classifier {cfg.classifier}, representation_size {cfg.representation_size}, "
         f"gelu {cfg.gelu}, normalisation mean {cfg.mean} std {cfg.std}"
@@ -86,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer (Dosovitskiy et al., 2021).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list the ViT variants with their sizes and cost")
+    p = sub.add_parser("models", help="list the ViT variants, hybrids and BiT ResNets with their sizes and cost")
     p.add_argument("--image-size", type=_size, default=(224, 224), help="N or HxW (default 224)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--patch", type=int, default=None, help="patch size for every row (default: 16, 14 for ViT-H)")

@@ -175,6 +175,18 @@ def in_val_split(key: str, fraction: float) -> bool:
     return _key_hash(key, b"vitlab-val") % 10000 < round(fraction * 10000)
 
 
+def in_train_subset(keys: list[str], count: int) -> set[str]:
+    """The `count` WebDataset KEYs of a training subset: those of smallest hash, so that a smaller subset lies
+    inside every larger one (as the paper's nested JFT subsets), whatever the shard order."""
+    return set(sorted(keys, key=lambda k: _key_hash(k, b"vitlab-subset"))[:count])
+
+
+def subset_indices(indices: list[int], count: int) -> list[int]:
+    """`count` of a map-style training split's indices: a prefix of a fixed permutation, so nested as above."""
+    perm = torch.randperm(len(indices), generator=torch.Generator().manual_seed(1))[:count]
+    return sorted(indices[i] for i in perm.tolist())
+
+
 def split_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
     """(train, val) indices of a map-style set: a fixed permutation (seed 0, not the training seed)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
@@ -553,8 +565,8 @@ class WdsDataset(IterableDataset):
 
     def __init__(self, shards: list[str], *, subset: str | None, val_split: float | None, transform: Transform,
                  in_chans: int, num_classes: int, bad_images: str = "error",
-                 counts: dict[str, int] | None = None, shuffle_buffer: int = 2000):
-        self.shards, self.subset, self.val_split = shards, subset, val_split
+                 counts: dict[str, int] | None = None, shuffle_buffer: int = 2000, keys: set[str] | None = None):
+        self.shards, self.subset, self.val_split, self.keys = shards, subset, val_split, keys
         self.transform, self.in_chans, self.num_classes, self.bad_images = transform, in_chans, num_classes, bad_images
         self.counts, self.shuffle_buffer = counts, shuffle_buffer
         self.seed, self.epoch, self.shuffle, self.rank, self.world_size, self.even = 0, 0, False, 0, 1, True
@@ -577,6 +589,8 @@ class WdsDataset(IterableDataset):
         return self._skips.value
 
     def _keep(self, key: str) -> bool:
+        if self.keys is not None:
+            return key in self.keys
         if self.subset is None:
             return True
         return in_val_split(key, self.val_split) == (self.subset == "val")
@@ -711,13 +725,15 @@ class Splits:
 
 
 def build(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, train_transform: TrainAug | None,
-          val_split: float | None = None, bad_images: str = "error", split: str | None = None) -> Splits:
+          val_split: float | None = None, bad_images: str = "error", split: str | None = None,
+          train_images: int | None = None) -> Splits:
     """Datasets for a --data spec.
 
     train_transform None leaves the training split unaugmented, as evaluation sees it (frozen features for
     few-shot evaluation). val_split cuts a deterministic validation split from the training data. split picks
     the evaluation split: "val" (the cut, else the source's own val), "test" (the source's test), None (val if
-    any, else test, else no evaluation).
+    any, else test, else no evaluation). train_images keeps that many images of the training split (after the
+    val cut), a fixed choice in which smaller subsets nest in larger ones (`in_train_subset`, `subset_indices`).
     """
     data = parse_spec(spec)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
@@ -732,8 +748,10 @@ def build(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, train_
     if val_split and not 0 < val_split < 1:  # 0 and None both mean no cut
         raise DataError(f"val split must be a fraction in (0, 1), got {val_split}")
     val_split = val_split or None
+    if train_images is not None and train_images < 1:
+        raise DataError(f"train_images must be >= 1, got {train_images}")
     common = dict(image_size=size, in_chans=in_chans, aug=train_transform, val_split=val_split,
-                  split=split, bad_images=bad_images)
+                  split=split, bad_images=bad_images, train_images=train_images)
     if data.kind == "wds":
         return _build_wds(data.path, **common)
     if data.kind == "folder":
@@ -748,7 +766,7 @@ def build(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, train_
 
 
 def _map_splits(spec: str, train: _TensorSource | _FileSource, held_out: dict, class_names: list[str], *,
-                image_size, in_chans, aug, val_split, split, bad_images) -> Splits:
+                image_size, in_chans, aug, val_split, split, bad_images, train_images) -> Splits:
     train_tf, eval_tf = Transform(image_size, in_chans, aug), Transform(image_size, in_chans, None)
     train_idx, evaluation, eval_name = None, None, "none"
     if val_split:
@@ -764,6 +782,11 @@ def _map_splits(spec: str, train: _TensorSource | _FileSource, held_out: dict, c
             if split:
                 hint = "; pass --val-split FRACTION" if split == "val" else ""
                 raise DataError(f"{spec} has no {split} split{hint}")
+    if train_images is not None:
+        indices = train_idx if train_idx is not None else list(range(len(train)))
+        if train_images > len(indices):
+            raise DataError(f"{spec}: train_images {train_images} is more than the {len(indices)} training images")
+        train_idx = subset_indices(indices, train_images)
     train_ds = MapDataset(train, train_tf, train_idx, bad_images)
     return Splits(train_ds, evaluation, eval_name, len(class_names), class_names, len(train_ds))
 
@@ -924,7 +947,7 @@ def expand_pattern(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
-def _build_wds(pattern: str, *, image_size, in_chans, aug, val_split, split, bad_images) -> Splits:
+def _build_wds(pattern: str, *, image_size, in_chans, aug, val_split, split, bad_images, train_images) -> Splits:
     shards = expand_pattern(pattern)
     local = all("://" not in s and not s.startswith("pipe:") for s in shards)
     if local:
@@ -933,7 +956,9 @@ def _build_wds(pattern: str, *, image_size, in_chans, aug, val_split, split, bad
             raise DataError(f"wds:{pattern}: no such shard {missing[0]}")
     classes_json = Path(shards[0]).parent / "classes.json" if local else None
     class_names = _read_classes(classes_json) if classes_json and classes_json.is_file() else None
-    counts = None
+    counts, shard_keys = None, {}
+    if train_images is not None and not local:
+        raise DataError(f"wds:{pattern}: train_images needs local shards (their keys are read to choose the subset)")
     if local:  # once per build: tar headers only (and .cls members when there is no classes.json)
         counts = {"train": {}, "val": {}, None: {}}
         max_label = -1
@@ -941,6 +966,7 @@ def _build_wds(pattern: str, *, image_size, in_chans, aug, val_split, split, bad
             keys, labels = _scan_shard(shard, want_labels=class_names is None)
             n_val = sum(in_val_split(k, val_split) for k in keys) if val_split else 0
             counts[None][shard], counts["val"][shard], counts["train"][shard] = len(keys), n_val, len(keys) - n_val
+            shard_keys[shard] = [k for k in keys if not (val_split and in_val_split(k, val_split))]
             max_label = max([max_label, *labels])
         if class_names is None:
             class_names = [str(i) for i in range(max_label + 1)]
@@ -952,14 +978,44 @@ def _build_wds(pattern: str, *, image_size, in_chans, aug, val_split, split, bad
         raise DataError(f"wds:{pattern} has no val split; pass --val-split FRACTION")
     common = dict(val_split=val_split, in_chans=in_chans, num_classes=len(class_names), bad_images=bad_images)
     train_subset = "train" if val_split else None
+    train_counts, keep = counts and counts[train_subset], None
+    if train_images is not None:
+        available = sum(len(k) for k in shard_keys.values())
+        if train_images > available:
+            raise DataError(f"wds:{pattern}: train_images {train_images} is more than the {available} training images")
+        keep = in_train_subset([k for keys in shard_keys.values() for k in keys], train_images)
+        train_counts = {s: sum(k in keep for k in keys) for s, keys in shard_keys.items()}
     train = WdsDataset(shards, subset=train_subset, transform=Transform(image_size, in_chans, aug),
-                       counts=counts and counts[train_subset], **common)
+                       counts=train_counts, keys=keep, **common)
+    if keep is not None and train_images * in_chans * image_size[0] * image_size[1] <= _IN_MEMORY_BYTES:
+        train = _in_memory(train, Transform(image_size, in_chans, aug), bad_images)
     evaluation = None
     if val_split:
         evaluation = WdsDataset(shards, subset="val", transform=Transform(image_size, in_chans, None),
                                 counts=counts and counts["val"], **common)
     return Splits(train, evaluation, "val" if evaluation is not None else "none", len(class_names),
-                  class_names, train.num_samples)
+                  class_names, len(train) if isinstance(train, MapDataset) else train.num_samples)
+
+
+# A training subset of shards that fits in this many bytes at the model's resolution is decoded once and held in
+# memory: a small subset would otherwise cost a read of every shard per (short) epoch.
+_IN_MEMORY_BYTES = 2 << 30
+
+
+def _in_memory(stream: WdsDataset, transform: Transform, bad_images: str) -> MapDataset:
+    """The samples of `stream` decoded once, resized to the model's resolution (no augmentation), in shard order:
+    a map-style set that augments per (seed, epoch, index) as the other map-style sets do."""
+    plain = copy.copy(stream)
+    plain.transform = Transform(transform.image_size, transform.in_chans, None)
+    plain.configure(shuffle=False, rank=0, world_size=1, even=False)
+    items = list(plain)
+    if not items:
+        raise DataError(f"every image of the {len(stream.keys)} chosen for training is unreadable")
+    images = torch.stack([image for image, _ in items])
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    dataset = MapDataset(_TensorSource(images, labels), transform, None, bad_images)
+    dataset._skips = plain._skips  # the unreadable ones skipped while decoding
+    return dataset
 
 
 # ------------------------------------------------------------------------------------------- loader

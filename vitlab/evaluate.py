@@ -353,6 +353,11 @@ def _classifier(ckpt, device: torch.device) -> nn.Module:
 
 
 def _refuse_zero_head(model: nn.Module, ckpt) -> None:
+    if not unwrap(model).cfg.num_classes:
+        raise CheckpointError(
+            f"{ckpt}: the model has no classification head (num_classes 0, e.g. masked patch prediction's "
+            f"pre-training): fine-tune one (vitlab finetune --init {ckpt} ...) or measure the features (vitlab fewshot)"
+        )
     if head_is_zero(model):
         raise CheckpointError(
             f"{ckpt}: the head is all zero (the official ImageNet-21k checkpoints ship one), so every class scores "

@@ -11,6 +11,10 @@ Read it next to the paper's section 3.1 (Eq. 1-4) and appendix B.1. Numerically 
 - the head is zero-initialised, and an optional `representation_size` adds the pre-logits layer
   (Dense + tanh) the paper uses when pre-training.
 
+The hybrid (section 3.1) is the same model with `resnet_num_layers` set: its patch embedding reads the feature
+map of a ResNet stem (vitlab/resnet.py). Masked patch prediction (appendix B.1.2) adds a [mask] embedding and a
+mean-colour head (`mpp_classes`, `Corruption`, `forward_mpp`).
+
 Attention goes through `F.scaled_dot_product_attention` (fused kernels); the attention weights are computed
 only for the layers a caller asks for, per call (`model(x, return_attention=[11])`).
 """
@@ -42,8 +46,58 @@ def _pair(value, field: str) -> tuple[int, int]:
     raise ConfigError(f"{field} must be an int or a pair (H, W) of ints, got {value!r}")
 
 
+def check_inputs_and_classes(cfg) -> None:
+    """Check and normalise the fields every model config shares: the input normalisation per channel (None: 0.5,
+    images in [-1, 1]) and the class names."""
+    for field in ("mean", "std"):
+        value = getattr(cfg, field)
+        value = (0.5,) * cfg.in_chans if value is None else tuple(float(v) for v in value)
+        if len(value) != cfg.in_chans:
+            raise ConfigError(f"{field} has {len(value)} values for in_chans {cfg.in_chans}: {value}")
+        setattr(cfg, field, value)
+    if any(s <= 0 for s in cfg.std):
+        raise ConfigError(f"std must be > 0, got {cfg.std}")
+    if cfg.class_names is not None:
+        cfg.class_names = tuple(str(c) for c in cfg.class_names)
+        if cfg.num_classes and len(cfg.class_names) != cfg.num_classes:
+            raise ConfigError(f"class_names has {len(cfg.class_names)} names for num_classes {cfg.num_classes}")
+
+
+class ConfigMethods:
+    """What every model config does besides holding its fields: copies and JSON. A config with a class attribute
+    `family` (BiT's "bit") writes it into its JSON so that a checkpoint says which model it holds."""
+
+    family: str | None = None  # a plain class attribute, not a field
+
+    def replace(self, **changes):
+        """A copy with some fields changed, validated again."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown {type(self).__name__} field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = {"family": self.family} if self.family else {}
+        for key, value in dataclasses.asdict(self).items():
+            out[key] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "family" or not cls.family}
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as e:  # a value of the wrong type that the checks did not name
+            raise ConfigError(f"bad {cls.__name__}: {e}") from None
+
+
 @dataclass
-class ViTConfig:
+class ViTConfig(ConfigMethods):
     """Everything that defines a ViT; saved as `config.json` beside every checkpoint's weights."""
 
     image_size: tuple[int, int] = (224, 224)  # (H, W); an int means square
@@ -65,6 +119,14 @@ class ViTConfig:
     std: tuple[float, ...] | None = None
     class_names: tuple[str, ...] | None = None
     name: str | None = None  # the variant it was built from, e.g. "ViT-B/16"
+    # The hybrid (section 3.1, "Hybrid Architecture"): the patches are cells of a ResNet's feature map, the
+    # official `config.resnet`: units per stage (() for the root block alone) and the width factor.
+    # None: a plain ViT, whose patches are cut from the image.
+    resnet_num_layers: tuple[int, ...] | None = None
+    resnet_width_factor: float = 1.0
+    # Masked patch prediction (appendix B.1.2): a learned [mask] embedding and a head predicting each corrupted
+    # patch's mean colour, one of mpp_classes (512 for 3 bits per RGB channel). 0: a plain classifier.
+    mpp_classes: int = 0
 
     def __post_init__(self):
         self.image_size = _pair(self.image_size, "image_size")
@@ -75,11 +137,23 @@ class ViTConfig:
                 raise ConfigError(f"{field} must be a positive int, got {value!r}")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ConfigError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
+        if self.resnet_num_layers is not None:
+            from .resnet import _check_layers, _check_width
+
+            _check_layers(self.resnet_num_layers, "resnet_num_layers", allow_empty=True)
+            self.resnet_num_layers = tuple(self.resnet_num_layers)
+            _check_width(self.resnet_width_factor, "resnet_width_factor")
+        stride = self.stem_stride
         for (h, p, axis) in zip(self.image_size, self.patch_size, ("height", "width")):
-            if p < 1 or h < 1 or h % p:
+            if p < 1 or h < 1 or h % (p * stride):
                 raise ConfigError(
                     f"patch_size {self.patch_size} does not divide image_size {self.image_size} ({axis} {h} % {p} != 0)"
+                    if stride == 1 else
+                    f"image_size {self.image_size} is not a multiple of the hybrid's stem stride {stride} x "
+                    f"patch_size {self.patch_size} ({axis} {h} % {p * stride} != 0)"
                 )
+        if not isinstance(self.mpp_classes, int) or isinstance(self.mpp_classes, bool) or self.mpp_classes < 0:
+            raise ConfigError(f"mpp_classes must be an int >= 0, got {self.mpp_classes!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}"
@@ -98,25 +172,22 @@ class ViTConfig:
                 raise ConfigError(f"{field} must be in [0, 1), got {value!r}")
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        for field in ("mean", "std"):
-            value = getattr(self, field)
-            value = (0.5,) * self.in_chans if value is None else tuple(float(v) for v in value)
-            if len(value) != self.in_chans:
-                raise ConfigError(f"{field} has {len(value)} values for in_chans {self.in_chans}: {value}")
-            setattr(self, field, value)
-        if any(s <= 0 for s in self.std):
-            raise ConfigError(f"std must be > 0, got {self.std}")
-        if self.class_names is not None:
-            self.class_names = tuple(str(c) for c in self.class_names)
-            if self.num_classes and len(self.class_names) != self.num_classes:
-                raise ConfigError(
-                    f"class_names has {len(self.class_names)} names for num_classes {self.num_classes}"
-                )
+        check_inputs_and_classes(self)
+
+    @property
+    def stem_stride(self) -> int:
+        """How much the hybrid's ResNet stem reduces the image before the patches are cut (1: no stem)."""
+        if self.resnet_num_layers is None:
+            return 1
+        from .resnet import hybrid_stride
+
+        return hybrid_stride(self.resnet_num_layers)
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        """The patch grid (H/P_h, W/P_w)."""
-        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+        """The patch grid (H/P_h, W/P_w); for a hybrid, of the stem's feature map (H/(sP_h), W/(sP_w))."""
+        s = self.stem_stride
+        return (self.image_size[0] // (s * self.patch_size[0]), self.image_size[1] // (s * self.patch_size[1]))
 
     @property
     def num_patches(self) -> int:
@@ -125,34 +196,6 @@ class ViTConfig:
     @property
     def num_prefix_tokens(self) -> int:
         return 1 if self.classifier == "token" else 0
-
-    def replace(self, **changes) -> "ViTConfig":
-        """A copy with some fields changed, validated again."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ConfigError(f"unknown ViTConfig field(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ViTConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"a ViT config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown ViTConfig field(s): {', '.join(unknown)}")
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        try:
-            return cls(**data)
-        except TypeError as e:  # a value of the wrong type that the checks above did not name
-            raise ConfigError(f"bad ViTConfig: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -168,21 +211,41 @@ VARIANTS: dict[str, dict[str, int]] = {
     "H": dict(hidden_size=1280, num_layers=32, num_heads=16, mlp_dim=5120),
 }
 
-_VARIANT_RE = re.compile(r"^(?:vit[-_])?(ti|s|b|l|h)[/_-](\d+)$", re.IGNORECASE)
+_VARIANT_RE = re.compile(r"^(?:(r\d*)\+)?(?:vit[-_])?(ti|s|b|l|h)[/_-](\d+)$", re.IGNORECASE)
 
 
 def variant_config(name: str, **overrides) -> ViTConfig:
-    """The config of a named variant ("ViT-B/16", "vit-ti/4", case-insensitive) with fields overridden."""
+    """The config of a named variant with fields overridden: "ViT-B/16", "vit-ti/4" (case-insensitive), or a
+    hybrid "R50+ViT-B/16", "r26+vit-s/32", "R+ViT-Ti/16" (the root block alone).
+
+    A hybrid's number is its effective patch size, the stem's stride times the patch cut from its feature map:
+    R50+ViT-B/16 is the official model, three stages (3, 4, 9) of stride 16 and 1×1 patches; R26+ViT-S/32 four
+    stages (2, 2, 2, 2). The stem keeps as many stages as its stride allows (4 for the root block, x2 per stage
+    after the first, at most four) and puts the units of the stages it drops into its last one.
+    """
     match = _VARIANT_RE.match(name.strip()) if isinstance(name, str) else None
     if not match:
         raise ConfigError(
-            f"unknown model {name!r}: expected vit-{{ti,s,b,l,h}}/PATCH, e.g. vit-b/16, ViT-L/16, vit-ti/4"
+            f"unknown model {name!r}: expected vit-{{ti,s,b,l,h}}/PATCH (e.g. vit-b/16, vit-ti/4), a hybrid "
+            "r50+vit-b/16, or a BiT ResNet bit-r50x1"
         )
-    size = {"ti": "Ti", "s": "S", "b": "B", "l": "L", "h": "H"}[match.group(1).lower()]
-    patch = int(match.group(2))
+    size = {"ti": "Ti", "s": "S", "b": "B", "l": "L", "h": "H"}[match.group(2).lower()]
+    patch = int(match.group(3))
     if patch < 1:
         raise ConfigError(f"patch size in {name!r} must be >= 1")
     fields = dict(VARIANTS[size], patch_size=patch, name=f"ViT-{size}/{patch}")
+    if match.group(1):  # a hybrid
+        from .resnet import hybrid_layers
+
+        depth = match.group(1)[1:]
+        stages = next((k for k in (4, 3, 2, 1) if patch % (4 * 2 ** (k - 1)) == 0), None)
+        if stages is None:
+            raise ConfigError(f"{name!r}: a hybrid's patch size is a multiple of its stem's stride, 4 or more")
+        if not depth:
+            stages = 0  # the root block alone, stride 4
+        stride = 4 * 2 ** max(stages - 1, 0)
+        fields.update(patch_size=patch // stride, name=f"R{depth}+ViT-{size}/{patch}",
+                      resnet_num_layers=hybrid_layers(int(depth), stages) if depth else ())
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ViTConfig)})
     if unknown:
         raise ConfigError(f"unknown ViTConfig field(s): {', '.join(unknown)}")
@@ -190,9 +253,36 @@ def variant_config(name: str, **overrides) -> ViTConfig:
     return ViTConfig(**fields)
 
 
-def create_model(name: str, **overrides) -> "VisionTransformer":
-    """A freshly initialised ViT of a named variant, e.g. `create_model("vit-b/16", num_classes=10)`."""
-    return VisionTransformer(variant_config(name, **overrides))
+def model_config(name: str, **overrides):
+    """The config of any named model: a ViT or hybrid (`variant_config`) or a BiT ResNet ("bit-r50x1",
+    vitlab.resnet.bit_config)."""
+    from . import resnet
+
+    if resnet.is_bit_name(name):
+        return resnet.bit_config(name, **overrides)
+    return variant_config(name, **overrides)
+
+
+def config_from_dict(data: dict):
+    """A ViTConfig, or a ResNetConfig when `data` says "family": "bit" (a checkpoint's config.json)."""
+    from . import resnet
+
+    if isinstance(data, dict) and data.get("family") == "bit":
+        return resnet.ResNetConfig.from_dict(data)
+    return ViTConfig.from_dict(data)
+
+
+def build_model(cfg) -> nn.Module:
+    """The freshly initialised model a config describes: a VisionTransformer or a BiT ResNetV2."""
+    from . import resnet
+
+    return resnet.ResNetV2(cfg) if isinstance(cfg, resnet.ResNetConfig) else VisionTransformer(cfg)
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """A freshly initialised model of a named variant, e.g. `create_model("vit-b/16", num_classes=10)`,
+    `create_model("r50+vit-b/16")`, `create_model("bit-r50x1")`."""
+    return build_model(model_config(name, **overrides))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -203,14 +293,24 @@ def create_model(name: str, **overrides) -> "VisionTransformer":
 class PatchEmbed(nn.Module):
     """Eq. 1, x_p^i E: cut the image into P×P patches, flatten and project each to D.
 
-    A convolution with kernel = stride = P is exactly that linear map applied to every patch.
+    A convolution with kernel = stride = P is exactly that linear map applied to every patch. In the hybrid the
+    patches are cut from the feature map of a ResNet stem (`backbone`, vitlab.resnet.HybridStem) instead.
     """
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.backbone = None
+        channels = cfg.in_chans
+        if cfg.resnet_num_layers is not None:
+            from .resnet import HybridStem
+
+            self.backbone = HybridStem(cfg.in_chans, cfg.resnet_num_layers, cfg.resnet_width_factor)
+            channels = self.backbone.out_channels
+        self.proj = nn.Conv2d(channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backbone is not None:
+            x = self.backbone(x)  # (B, C', H/s, W/s)
         x = self.proj(x)  # (B, D, H/P, W/P)
         return x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
 
@@ -313,6 +413,9 @@ class VisionTransformer(nn.Module):
         self.pre_logits = PreLogits(D, cfg.representation_size) if cfg.representation_size else nn.Identity()
         self.num_features = cfg.representation_size or D
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        if cfg.mpp_classes:  # masked patch prediction (appendix B.1.2)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+            self.mpp_head = nn.Linear(D, cfg.mpp_classes)
         self.init_weights()
 
     @torch.no_grad()
@@ -330,7 +433,7 @@ class VisionTransformer(nn.Module):
                 elif ".mlp." in name:  # MlpBlock: xavier-uniform kernels, biases N(0, 1e-6)
                     nn.init.xavier_uniform_(module.weight)
                     nn.init.normal_(module.bias, std=1e-6)
-                elif name == "head":  # zero: a new task starts from uniform predictions (appendix B.1.1)
+                elif name in ("head", "mpp_head"):  # zero: a new task starts from uniform predictions (B.1.1)
                     nn.init.zeros_(module.weight)
                     nn.init.zeros_(module.bias)
                 else:  # pre_logits: Flax Dense default, LeCun normal
@@ -341,7 +444,11 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
         _lecun_normal_(self.patch_embed.proj.weight)
         nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.patch_embed.backbone is not None:
+            self.patch_embed.backbone.init_weights()
         nn.init.normal_(self.pos_embed, std=0.02)
+        if self.cfg.mpp_classes:
+            nn.init.normal_(self.mask_token, std=0.02)
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)
 
@@ -359,11 +466,14 @@ class VisionTransformer(nn.Module):
         return layers
 
     def forward_features(
-        self, x: torch.Tensor, return_attention: bool | Iterable[int] = False
+        self, x: torch.Tensor, return_attention: bool | Iterable[int] = False, corruption: "Corruption | None" = None
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The encoder's output after its final LayerNorm, all tokens: (B, N+1, D), or (B, N, D) with "gap"."""
+        """The encoder's output after its final LayerNorm, all tokens: (B, N+1, D), or (B, N, D) with "gap".
+        `corruption` replaces patch embeddings before the position embeddings are added (masked patch prediction)."""
         wanted = self._attention_layers(return_attention)
         x = self.patch_embed(x)  # (B, N, D), Eq. 1
+        if corruption is not None:
+            x = corruption.apply(x, self.mask_token)  # masked patch prediction: some patch embeddings replaced
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, D), x_class
         x = self.pos_drop(x + self.pos_embed)  # Eq. 1: + E_pos
@@ -382,13 +492,100 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool | Iterable[int] = False
+        self, x: torch.Tensor, return_attention: bool | Iterable[int] = False, corruption: "Corruption | None" = None
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Logits (B, num_classes); with `return_attention` also {layer: (B, heads, N', N')} for those layers."""
+        """Logits (B, num_classes); with `return_attention` also {layer: (B, heads, N', N')} for those layers;
+        with `corruption`, masked patch prediction's logits (B, N, mpp_classes) (`forward_mpp`)."""
+        if corruption is not None:
+            return self.forward_mpp(x, corruption)
         if return_attention:
             x, maps = self.forward_features(x, return_attention)
             return self.forward_head(x), maps
         return self.forward_head(self.forward_features(x))
+
+    def forward_mpp(self, x: torch.Tensor, corruption: "Corruption") -> torch.Tensor:
+        """Masked patch prediction: the mean-colour logits (B, N, mpp_classes) of every patch's output token,
+        the input's patch embeddings corrupted by `corruption`. The loss reads the corrupted patches' rows."""
+        if not self.cfg.mpp_classes:
+            raise ConfigError("this model has no masked-patch-prediction head (mpp_classes is 0)")
+        tokens = self.forward_features(x, corruption=corruption)
+        return self.mpp_head(tokens[:, self.cfg.num_prefix_tokens:])  # (B, N, K)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Masked patch prediction (appendix B.1.2): the self-supervised objective of section 4.6.
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Corruption:
+    """Which patch embeddings of a batch are corrupted and how: `chosen` (B, N) the patches to predict; of those,
+    `masked` replaced by the [mask] embedding, `swapped` by the embedding of patch `source` (a flat index into the
+    batch's B*N patches), and the rest left unchanged."""
+
+    chosen: torch.Tensor  # (B, N) bool
+    masked: torch.Tensor  # (B, N) bool, a subset of chosen
+    swapped: torch.Tensor  # (B, N) bool, a subset of chosen, disjoint from masked
+    source: torch.Tensor  # (B, N) long, in [0, B*N)
+    count: int  # chosen.sum(), known without reading the device
+
+    def split(self, parts: int) -> list["Corruption"]:
+        """The corruption of each micro-batch of x.tensor_split(parts); `source` indexes into the micro-batch.
+
+        A swapped patch whose source lies in another micro-batch takes a patch of its own micro-batch instead
+        (the same position, wrapped), so that every part can be applied alone."""
+        out, start = [], 0
+        B, N = self.chosen.shape
+        for chosen, masked, swapped, source in zip(*(t.tensor_split(parts) for t in (
+                self.chosen, self.masked, self.swapped, self.source))):
+            b = len(chosen)
+            if b == 0:
+                continue
+            local = (source - start * N) % (b * N)
+            out.append(Corruption(chosen, masked, swapped, local, self.count // B * b))
+            start += b
+        return out
+
+    def apply(self, x: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape  # (B, N, D) patch embeddings
+        other = x.reshape(B * N, D)[self.source.flatten()].view(B, N, D)
+        x = torch.where(self.swapped.unsqueeze(-1), other, x)
+        return torch.where(self.masked.unsqueeze(-1), mask_token.to(x.dtype).expand(B, N, D), x)
+
+
+def draw_corruption(batch: int, num_patches: int, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu", rate: float = 0.5,
+                    split: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> Corruption:
+    """The paper's corruption: in each image, `rate` (50%) of the patches chosen at random; each chosen one
+    replaced by the [mask] embedding with probability 0.8, by another patch's embedding (any patch of the
+    batch but itself) with 0.1, left unchanged with 0.1. Drawn on the CPU from `generator`, then moved."""
+    count = max(1, round(rate * num_patches))
+    order = torch.rand(batch, num_patches, generator=generator).argsort(dim=1)
+    chosen = torch.zeros(batch, num_patches, dtype=torch.bool)
+    chosen.scatter_(1, order[:, :count], True)
+    u = torch.rand(batch, num_patches, generator=generator)
+    masked = chosen & (u < split[0])
+    swapped = chosen & (u >= split[0]) & (u < split[0] + split[1])
+    total = batch * num_patches
+    own = torch.arange(total).view(batch, num_patches)
+    source = torch.randint(0, max(total - 1, 1), (batch, num_patches), generator=generator)
+    source = source + (source >= own).long() if total > 1 else own  # any patch but the patch itself
+    return Corruption(*(t.to(device) for t in (chosen, masked, swapped, source)), count=batch * count)
+
+
+def mean_colour_targets(images: torch.Tensor, patch_size: tuple[int, int], bits: int = 3) -> torch.Tensor:
+    """Each patch's mean colour, quantised to `bits` bits per channel: the class (B, N) of 2^(bits*C).
+
+    `images` are uint8 (B, C, H, W) (or floats in [0, 1]). Channel c's level is floor(mean * 2^bits), at most
+    2^bits - 1; the class reads the levels as digits, the first channel most significant (R*64 + G*8 + B).
+    """
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    ph, pw = patch_size
+    means = F.avg_pool2d(x, (ph, pw), (ph, pw))  # (B, C, H/P, W/P)
+    levels = (means * 2**bits).floor().clamp_(0, 2**bits - 1).long()
+    C = levels.shape[1]
+    weights = torch.tensor([2 ** (bits * (C - 1 - c)) for c in range(C)], device=x.device).view(1, C, 1, 1)
+    return (levels * weights).sum(dim=1).flatten(1)  # (B, N), row-major as the patches
 
 
 def _lecun_normal_(w: torch.Tensor) -> None:
@@ -403,27 +600,39 @@ def _lecun_normal_(w: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def num_params(cfg: ViTConfig) -> int:
+def num_params(cfg) -> int:
     """The number of parameters of the model `cfg` builds."""
     with torch.device("meta"):
-        return sum(p.numel() for p in VisionTransformer(cfg).parameters())
+        return sum(p.numel() for p in build_model(cfg).parameters())
 
 
-def forward_macs(cfg: ViTConfig) -> int:
-    """Multiply-adds of one image's forward pass: the matrix products, including attention's QK^T and AV."""
+def forward_macs(cfg) -> int:
+    """Multiply-adds of one image's forward pass: the matrix products, including attention's QK^T and AV, and a
+    hybrid's or a ResNet's convolutions (counted by vitlab.resnet.count_macs). Norms, activations and pooling,
+    a few percent at most, are not counted. A masked-patch-prediction model counts its head on every patch."""
+    from . import resnet
+
+    if isinstance(cfg, resnet.ResNetConfig):
+        return resnet.resnet_macs(cfg)
     D, M, L = cfg.hidden_size, cfg.mlp_dim, cfg.num_layers
     N = cfg.num_patches
     T = N + cfg.num_prefix_tokens
-    macs = N * D * cfg.in_chans * cfg.patch_size[0] * cfg.patch_size[1]  # Eq. 1
+    channels = cfg.in_chans
+    macs = 0
+    if cfg.resnet_num_layers is not None:
+        macs += resnet.stem_macs(cfg.in_chans, cfg.resnet_num_layers, cfg.resnet_width_factor, cfg.image_size)
+        channels = resnet.hybrid_channels(cfg.resnet_num_layers, cfg.resnet_width_factor)
+    macs += N * D * channels * cfg.patch_size[0] * cfg.patch_size[1]  # Eq. 1
     per_layer = T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * M  # qkv, QK^T and AV, out, MLP
     macs += L * per_layer
     if cfg.representation_size:
         macs += D * cfg.representation_size
     macs += (cfg.representation_size or D) * cfg.num_classes
+    macs += N * D * cfg.mpp_classes
     return macs
 
 
-def forward_flops(cfg: ViTConfig) -> int:
+def forward_flops(cfg) -> int:
     """FLOPs of one image's forward pass, counting a multiply-add as two."""
     return 2 * forward_macs(cfg)
 
@@ -433,7 +642,10 @@ def model_table(image_size: int | Sequence[int] = 224, num_classes: int = 1000, 
     rows = []
     for size, fields in VARIANTS.items():
         p = patch or (14 if size == "H" else 16)
-        cfg = variant_config(f"ViT-{size}/{p}", image_size=image_size, num_classes=num_classes)
+        try:
+            cfg = variant_config(f"ViT-{size}/{p}", image_size=image_size, num_classes=num_classes)
+        except ConfigError:  # a patch that does not divide this image size (ViT-H/14 at 384)
+            continue
         rows.append(
             dict(
                 name=cfg.name,

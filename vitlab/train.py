@@ -50,7 +50,8 @@ from torch import nn
 from tqdm import tqdm
 
 from .evaluate import Classification, autocast, resolve_precision
-from .model import ConfigError, ViTConfig, VisionTransformer, forward_flops, variant_config
+from .model import ConfigError, build_model, draw_corruption, forward_flops, mean_colour_targets, variant_config
+from .resnet import ResNetConfig, bit_config, is_bit_name
 from .weights import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -63,6 +64,7 @@ from .weights import (
     read_config,
     read_safetensors,
     save_checkpoint,
+    unwrap,
 )
 
 # torchvision's import alone takes seconds, so `vitlab.data` is imported inside the functions that use it: the
@@ -74,6 +76,8 @@ METRICS_FILE = "metrics.jsonl"
 # What a resumed run may not change: the position in the data is counted in batches, and an optimizer's state
 # only fits that optimizer. (The model may not change either: its config.json is compared.)
 FIXED_ON_RESUME = ("batch_size", "optimizer", "seed")
+# Masked patch prediction's targets: each patch's mean colour at 3 bits per channel, 512 classes (appendix B.1.2).
+MPP_BITS = 3
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -102,6 +106,8 @@ class TrainConfig:
                                                 "with --init the source's)")
     std: tuple[float, ...] | None = _opt(None, "per-channel input std (default 0.5; with --init the source's)")
     val_split: float | None = _opt(None, "evaluate on this fraction cut from the training data instead of the test set")
+    train_images: int | None = _opt(None, "train on this many of the training images (after the val cut): a fixed "
+                                          "choice, smaller subsets inside larger ones (the data-size experiment)")
     bad_images: Literal["error", "skip"] = _opt("error", "an unreadable image stops the run, or is skipped")
     num_workers: int = _opt(2, "DataLoader worker processes per training process")
     # augmentation (per image: vitlab.data.TrainAug; per batch: mixup / cutmix) and the loss
@@ -114,7 +120,10 @@ class TrainConfig:
     cutmix: float = _opt(0.0, "CutMix alpha (0: off)")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
     # model: a variant of the paper's table, optionally changed field by field; or pretrained weights
-    model: str | None = _opt(None, "required without --init: a variant, e.g. vit-b/16, vit-s/4, vit-ti/7")
+    model: str | None = _opt(None, "required without --init: a ViT (vit-b/16, vit-ti/7), a hybrid (r50+vit-b/16, "
+                                   "r26+vit-s/32) or a BiT ResNet (bit-r50x1, bit-r26x1)")
+    objective: Literal["classification", "mpp"] = _opt(
+        "classification", "classification (labels) or mpp: masked patch prediction, self-supervised (section 4.6)")
     init: str | None = _opt(None, "start from pretrained weights (fine-tuning): a vitlab checkpoint or run DIR, an "
                                   "official .npz, or a timm or Hugging Face ViT in safetensors (file or directory)")
     keep_pre_logits: bool = _opt(False, "with --init: keep the source's pre-logits layer (the paper drops it)")
@@ -129,6 +138,10 @@ class TrainConfig:
     attention_dropout: float | None = _opt(None, "attention dropout rate (default 0)")
     gelu: Literal["tanh", "exact"] | None = _opt(None, "GELU form (default: tanh as the official model; with --init "
                                                       "the source's)")
+    resnet_num_layers: tuple[int, ...] | None = _opt(None, "hybrid or BiT: override the ResNet's units per stage, "
+                                                           "e.g. 3,4,9")
+    resnet_width_factor: float | None = _opt(None, "hybrid or BiT: override the ResNet's width factor (64 x it "
+                                                   "channels in the root)")
     # optimisation
     epochs: int | None = _opt(None, "passes over the training data (default 10; or set --steps)")
     steps: int | None = _opt(None, "optimizer steps, instead of --epochs")
@@ -153,6 +166,8 @@ class TrainConfig:
     out: str | None = _opt(None, "the run directory (default runs/YYYYmmdd-HHMMSS)")
     save_every: int | None = _opt(None, "save every N steps (default: at the end of each epoch), and always at the end")
     log_every: int = _opt(10, "steps between progress-bar updates and metric flushes")
+    eval_every: int | None = _opt(None, "evaluate every N steps (default: at the end of each epoch), and always at "
+                                        "the end")
 
     def __post_init__(self):
         hints = get_type_hints(type(self))
@@ -164,10 +179,17 @@ class TrainConfig:
             raise ConfigError("model is required (--model), or pretrained weights (--init)")
         if self.init is not None:  # the architecture is the source's; only what adapt() can change may be set
             fixed = [n for n in ("model", "hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier",
-                                 "representation_size") if getattr(self, n) is not None]
+                                 "representation_size", "resnet_num_layers", "resnet_width_factor")
+                     if getattr(self, n) is not None]
             if fixed:
                 raise ConfigError(f"{', '.join(fixed)} cannot be set with init: the architecture is that of "
                                   f"{self.init}")
+            if self.objective == "mpp":
+                raise ConfigError("objective mpp pre-trains a model from scratch: set --model, not --init")
+        if self.objective == "mpp":
+            mixed = [n for n in ("mixup", "cutmix", "label_smoothing") if getattr(self, n)]
+            if mixed:
+                raise ConfigError(f"{', '.join(mixed)} do not apply to objective mpp (its targets are colours)")
         elif self.keep_pre_logits:
             raise ConfigError("keep_pre_logits needs pretrained weights (--init)")
         if self.epochs is not None and self.steps is not None:
@@ -175,7 +197,8 @@ class TrainConfig:
         if self.steps is None and self.epochs is None:
             self.epochs = 10
         for names, ok, wanted in [
-            ("batch_size accum_steps epochs steps log_every save_every", lambda v: v >= 1, ">= 1"),
+            ("batch_size accum_steps epochs steps log_every save_every eval_every train_images", lambda v: v >= 1,
+             ">= 1"),
             ("in_chans", lambda v: v in (1, 3), "1 or 3"),
             ("lr grad_clip", lambda v: 0 < v < math.inf, "> 0"),
             ("warmup weight_decay mixup cutmix num_workers", lambda v: 0 <= v < math.inf, ">= 0"),
@@ -199,7 +222,7 @@ class TrainConfig:
             self.in_chans = 1 if data.parse_spec(self.data).kind == "fashion-mnist" else 3
         self.model_config(num_classes=1)  # the model's own checks: patch vs image size, heads vs width, mean/std
 
-    def with_source(self, source: ViTConfig) -> "TrainConfig":
+    def with_source(self, source) -> "TrainConfig":
         """This config with what it leaves unset taken from the pretrained model's: resolution, channels, the input
         normalisation and the GELU form (the weights expect the inputs and activations they were trained with)."""
         if self.in_chans is not None and self.in_chans != source.in_chans:
@@ -207,32 +230,56 @@ class TrainConfig:
                               f"leave it unset: grey images are replicated to {source.in_chans} channels")
         resolved = dataclasses.replace(
             self, image_size=self.image_size or source.image_size, in_chans=source.in_chans,
-            mean=self.mean or source.mean, std=self.std or source.std, gelu=self.gelu or source.gelu,
+            mean=self.mean or source.mean, std=self.std or source.std,
+            gelu=self.gelu or getattr(source, "gelu", None),
         )
         resolved.model_config(num_classes=1, source=source)  # patch vs image size, mean/std vs channels
         return resolved
 
-    def model_config(self, num_classes: int, class_names: list[str] | None = None,
-                     source: ViTConfig | None = None) -> ViTConfig:
-        """The ViTConfig of the model this run trains, for a dataset of `num_classes` classes; from the pretrained
-        model's config `source` when fine-tuning (its pre-logits layer dropped unless kept, section 3.1)."""
+    def model_config(self, num_classes: int, class_names: list[str] | None = None, source=None):
+        """The config of the model this run trains (a ViTConfig, or a ResNetConfig for BiT) for a dataset of
+        `num_classes` classes; from the pretrained model's config `source` when fine-tuning (its pre-logits layer
+        dropped unless kept, section 3.1; a masked-patch-prediction head dropped). With objective mpp, a model
+        with the [mask] embedding and the mean-colour head, and no class head."""
         if source is not None:
             changes = dict(image_size=self.image_size, num_classes=num_classes, class_names=class_names,
-                           mean=self.mean, std=self.std, gelu=self.gelu, dropout_rate=self.dropout,
-                           attention_dropout_rate=self.attention_dropout,
-                           representation_size=source.representation_size if self.keep_pre_logits else None)
+                           mean=self.mean, std=self.std)
+            if isinstance(source, ResNetConfig):
+                vit_only = [n for n in ("gelu", "dropout", "attention_dropout") if getattr(self, n) is not None]
+                if vit_only or self.keep_pre_logits:
+                    raise ConfigError(f"{', '.join(vit_only or ['keep_pre_logits'])} does not apply to the BiT "
+                                      f"ResNet {self.init}")
+            else:
+                changes.update(gelu=self.gelu, dropout_rate=self.dropout, attention_dropout_rate=self.attention_dropout,
+                               representation_size=source.representation_size if self.keep_pre_logits else None,
+                               mpp_classes=0)
             return source.replace(**{k: v for k, v in changes.items() if v is not None or k in (
                 "class_names", "representation_size")})
+        common = dict(image_size=self.image_size, in_chans=self.in_chans, num_classes=num_classes,
+                      class_names=class_names, mean=self.mean, std=self.std)
+        if is_bit_name(self.model):
+            vit_only = [n for n in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier",
+                                    "representation_size", "dropout", "attention_dropout", "gelu")
+                        if getattr(self, n) is not None]
+            if vit_only or self.objective == "mpp":
+                raise ConfigError(f"{', '.join(vit_only) or 'objective mpp'} does not apply to the BiT ResNet "
+                                  f"{self.model}")
+            overrides = dict(num_layers=self.resnet_num_layers, width_factor=self.resnet_width_factor)
+            return bit_config(self.model, **common, **{k: v for k, v in overrides.items() if v is not None})
         overrides = dict(
             hidden_size=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
             classifier=self.classifier, representation_size=self.representation_size,
             dropout_rate=self.dropout, attention_dropout_rate=self.attention_dropout, gelu=self.gelu,
+            resnet_num_layers=self.resnet_num_layers, resnet_width_factor=self.resnet_width_factor,
         )
-        return variant_config(
-            self.model, image_size=self.image_size, in_chans=self.in_chans, num_classes=num_classes,
-            class_names=class_names, mean=self.mean, std=self.std,
-            **{k: v for k, v in overrides.items() if v is not None},
-        )
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "+" not in self.model and ("resnet_num_layers" in overrides or "resnet_width_factor" in overrides):
+            raise ConfigError(f"resnet_num_layers and resnet_width_factor apply to hybrids and BiT ResNets, not to "
+                              f"{self.model} (e.g. r50+vit-b/16, bit-r50x1)")
+        if self.objective == "mpp":  # 3 bits of mean colour per channel (appendix B.1.2), no class head
+            common.update(num_classes=0, class_names=None)
+            overrides["mpp_classes"] = 2 ** (MPP_BITS * self.in_chans)
+        return variant_config(self.model, **common, **overrides)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -385,6 +432,50 @@ def fine_tune(**fields) -> TrainConfig:
 # The parts of the loop
 # --------------------------------------------------------------------------------------------------------------
 
+def _patch_text(cfg) -> str:
+    text = f"{cfg.patch_size[0]}x{cfg.patch_size[1]}"
+    return text if cfg.stem_stride == 1 else f"{text} on the ResNet stem's feature map (stride {cfg.stem_stride})"
+
+
+def _pixel_patch(cfg) -> tuple[int, int]:
+    """The pixels one token covers: the patch, times the stem's stride in a hybrid."""
+    return (cfg.patch_size[0] * cfg.stem_stride, cfg.patch_size[1] * cfg.stem_stride)
+
+
+class MaskedPatchPrediction:
+    """The evaluator of masked patch prediction on one split: `run(model)` gives the loss and top-1 accuracy of
+    the corrupted patches' mean colours (top1, loss, n = patches predicted). The corruption is drawn from a fixed
+    seed, the same at every evaluation, so that the numbers of a run compare across its steps."""
+
+    def __init__(self, dataset, name: str, *, batch_size: int, device: torch.device, precision: str,
+                 num_workers: int = 0, seed: int = 0):
+        self.dataset, self.name, self.seed = dataset, name, seed
+        self.batch_size, self.device, self.precision, self.num_workers = batch_size, device, precision, num_workers
+
+    @torch.no_grad()
+    def run(self, model: nn.Module) -> dict[str, float]:
+        from . import data
+
+        cfg = unwrap(model).cfg
+        loader = data.make_loader(self.dataset, self.batch_size, shuffle=False, seed=0, epoch=0,
+                                  num_workers=self.num_workers, even=False, pin_memory=self.device.type == "cuda")
+        generator = torch.Generator().manual_seed(self.seed)
+        was_training = model.training
+        model.eval()
+        loss, correct, n = 0.0, 0, 0
+        for images, _ in loader:
+            images = images.to(self.device)
+            targets = mean_colour_targets(images, _pixel_patch(cfg), MPP_BITS)
+            corruption = draw_corruption(len(images), cfg.num_patches, generator, self.device)
+            with autocast(self.device, self.precision):
+                logits = model(data.normalize(images, cfg.mean, cfg.std), corruption=corruption)[corruption.chosen]
+            t = targets[corruption.chosen]
+            loss += F.cross_entropy(logits.float(), t, reduction="sum").item()
+            correct += int((logits.argmax(-1) == t).sum())
+            n += len(t)
+        model.train(was_training)
+        return dict(top1=correct / max(n, 1), loss=loss / max(n, 1), n=n)
+
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     """The learning rate of step `step` (0-based): linear warm-up to cfg.lr, then linear or cosine decay to 0."""
@@ -400,13 +491,13 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW or SGD; weight decay on the weight matrices and kernels only.
 
-    Biases, LayerNorm parameters, the position embeddings and the [class] token are not decayed, as in
-    big_vision (whose decay applies to `.../kernel` parameters only) and timm. PyTorch's AdamW multiplies the
+    Biases, LayerNorm and GroupNorm parameters, the position embeddings, the [class] and [mask] tokens are not
+    decayed, as in big_vision (whose decay applies to `.../kernel` parameters only) and timm. PyTorch's AdamW multiplies the
     decay by the learning rate, as flax.optim.Adam did in the paper's code, so the paper's 0.1 means the same here.
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or name in ("pos_embed", "cls_token") else decay).append(p)
+        (no_decay if p.ndim < 2 or name in ("pos_embed", "cls_token", "mask_token") else decay).append(p)
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -714,7 +805,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
         # ---- data ------------------------------------------------------------------------------------------
         aug = data.TrainAug(crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip, randaugment=cfg.randaugment)
         splits = data.build(cfg.data, image_size=cfg.image_size, in_chans=cfg.in_chans, train_transform=aug,
-                            val_split=cfg.val_split, bad_images=cfg.bad_images)
+                            val_split=cfg.val_split, bad_images=cfg.bad_images, train_images=cfg.train_images)
         if splits.train_size is None:
             raise data.DataError(f"{cfg.data}: the number of training images is unknown (remote shards); "
                                  "training needs local data")
@@ -727,7 +818,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
         # ---- model -----------------------------------------------------------------------------------------
         model_cfg = cfg.model_config(splits.num_classes, splits.class_names, source=source_cfg)
         _seed_all(cfg.seed)
-        model = VisionTransformer(model_cfg).to(device)  # the official initialisers, from the seed
+        model = build_model(model_cfg).to(device)  # the official initialisers, from the seed
         optimizer = make_optimizer(model, cfg, device)
         # Training FLOPs, for compute-vs-accuracy plots: a backward pass costs about two forward passes (one
         # product for the activations' gradients, one for the weights'), so a trained image costs 3 forwards.
@@ -752,18 +843,22 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             # Section 3.2 and appendix B.1.1: the pretrained weights, a new zero-initialised head for the new
             # classes (every class starts equally likely), the pre-logits layer dropped unless kept, the position
             # embeddings interpolated in 2-D to the new patch grid.
-            changes = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(ViTConfig)
+            changes = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)
                        if getattr(model_cfg, f.name) != getattr(source_cfg, f.name)}
             pretrained = adapt(source, new_head=True, **changes)
             assert pretrained.cfg == model_cfg, (pretrained.cfg, model_cfg)
             model.load_state_dict(pretrained.state_dict())
-            if is_main:
+            if is_main and isinstance(model_cfg, ResNetConfig):
+                print(f"init: {cfg.init}: a new zero head for {model_cfg.num_classes} classes; inputs normalised "
+                      f"with mean {model_cfg.mean} std {model_cfg.std}")
+            elif is_main:
                 (h, w), (H, W) = source_cfg.grid_size, model_cfg.grid_size
                 dropped = source_cfg.representation_size and not model_cfg.representation_size
                 print(f"init: {cfg.init}: position embeddings {h}x{w} -> {H}x{W} patches"
                       + (" (interpolated in 2-D)" if (h, w) != (H, W) else "")
                       + f", a new zero head for {model_cfg.num_classes} classes"
                       + (", the pre-logits layer dropped" if dropped else "")
+                      + (", the masked-patch-prediction head dropped" if source_cfg.mpp_classes else "")
                       + f"; inputs normalised with mean {model_cfg.mean} std {model_cfg.std}, {model_cfg.gelu} GELU")
                 if head_is_zero(source):
                     print(f"note: the head of {cfg.init} is all zero (as in the official ImageNet-21k "
@@ -778,17 +873,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
         # ---- evaluators ------------------------------------------------------------------------------------
         # Process 0 evaluates the whole split with the model outside DDP while the others wait at a barrier.
         evaluators = []
+        mpp = cfg.objective == "mpp"
         if splits.eval is not None and is_main:
-            evaluators.append(Classification(splits.eval, splits.eval_name, batch_size=micro_batch, device=device,
-                                             precision=precision, num_workers=cfg.num_workers))
+            kind = MaskedPatchPrediction if mpp else Classification
+            evaluators.append(kind(splits.eval, splits.eval_name, batch_size=micro_batch, device=device,
+                                   precision=precision, num_workers=cfg.num_workers))
         log = None
         if is_main:  # DIR is written once the data and the model are known to load
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
             log = RunLog(out, step)
             stack.callback(log.close)
-            print(f"{out}: {model_cfg.name or 'ViT'} ({sum(p.numel() for p in model.parameters()):,} parameters, "
-                  f"{model_cfg.num_patches} patches of {model_cfg.patch_size[0]}x{model_cfg.patch_size[1]}); "
+            print(f"{out}: {model_cfg.name or 'ViT'} ({sum(p.numel() for p in model.parameters()):,} parameters"
+                  + ("" if isinstance(model_cfg, ResNetConfig) else
+                     f", {model_cfg.num_patches} patches of {_patch_text(model_cfg)}")
+                  + (f", masked patch prediction of {model_cfg.mpp_classes} colours" if mpp else "") + "); "
                   f"{cfg.data}: {splits.train_size} training images, {splits.num_classes} classes; {total_steps} "
                   f"steps of {cfg.batch_size} images; {world_size} process{'es' if distributed else ''} on "
                   f"{device.type}, {precision}"
@@ -837,14 +936,28 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             n = len(x)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
+            if mpp:  # the targets are the patches' colours; which patches, one draw per (seed, step, process)
+                targets = mean_colour_targets(images, _pixel_patch(model_cfg), MPP_BITS)  # (B, N)
+                generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 4096 + rank)
+                corruption = draw_corruption(len(x), model_cfg.num_patches, generator, device)
+                n = corruption.count  # the loss is the mean over the batch's corrupted patches
+                parts = corruption.split(cfg.accum_steps)
             micro = [(xm, tm) for xm, tm in zip(x.tensor_split(cfg.accum_steps), targets.tensor_split(cfg.accum_steps))
                      if len(xm)]
             for i, (xm, tm) in enumerate(micro):
                 sync = i == len(micro) - 1
                 with train_net.no_sync() if distributed and not sync else contextlib.nullcontext():
-                    with autocast(device, precision):
-                        logits = train_net(xm)
-                    loss = F.cross_entropy(logits.float(), tm, reduction="sum", label_smoothing=cfg.label_smoothing) / n
+                    if mpp:
+                        cm = parts[i]
+                        with autocast(device, precision):
+                            logits = train_net(xm, corruption=cm)[cm.chosen]  # (n_i, K): the corrupted patches
+                        tm = tm[cm.chosen]
+                        loss = F.cross_entropy(logits.float(), tm, reduction="sum") / n
+                    else:
+                        with autocast(device, precision):
+                            logits = train_net(xm)
+                        loss = F.cross_entropy(logits.float(), tm, reduction="sum",
+                                               label_smoothing=cfg.label_smoothing) / n
                     loss.backward()
                 loss_sum += loss.detach()
                 correct += (logits.argmax(-1) == (tm if tm.ndim == 1 else tm.argmax(-1))).sum()
@@ -915,7 +1028,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
                 stop = False
                 if step % cfg.log_every == 0 or epoch_end or save_now or (signals.received and not distributed):
                     stop = flush()
-                if epoch_end or done:
+                if done or (step % cfg.eval_every == 0 if cfg.eval_every else epoch_end):
                     run_evaluators()
                 if save_now or stop:
                     save()
@@ -934,7 +1047,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             print(f"skipped {skipped} unreadable training images")
         print(f"saved {out}")
         if evaluators:
-            print(f"{evaluators[0].name} accuracy: {results['top1']:.4f}")
+            what = " (masked patch prediction: mean colours of the corrupted patches)" if cfg.objective == "mpp" else ""
+            print(f"{evaluators[0].name} accuracy{what}: {results['top1']:.4f}")
         else:
             print("no val or test split to measure accuracy on: pass --val-split FRACTION")
     return results

@@ -18,6 +18,15 @@ as (H, W, C_in, C_out), and attention projections split per head):
     pre_logits/kernel (D, R)                         pre_logits.fc
     head/kernel (R or D, K)                          head
 
+A hybrid's npz (R50+ViT-B_16.npz) adds its ResNet stem, whose arrays also give its configuration (the width
+from conv_root, the stages and their units from the blockI/unitJ names), and its `embedding` reads the stem's
+feature map:
+
+    conv_root/kernel (7, 7, C, w)                    patch_embed.backbone.conv_root.weight (w, C, 7, 7)
+    gn_root/{scale,bias}                             patch_embed.backbone.gn_root.{weight,bias}
+    blockI/unitJ/{conv1,conv2,conv3,conv_proj}/kernel   patch_embed.backbone.stages.(I-1).units.(J-1).<same>
+    blockI/unitJ/{gn1,gn2,gn3,gn_proj}/{scale,bias}     patch_embed.backbone.stages.(I-1).units.(J-1).<same>
+
 timm and Hugging Face checkpoints (safetensors, with the `config.json` their libraries write beside them) are
 imported too; `load_model` tells the three namings apart. timm's names are vitlab's own (vitlab took them from
 timm); what differs is the exact GELU and the input normalisation in its `pretrained_cfg`. Hugging Face's
@@ -55,7 +64,8 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
-from .model import ConfigError, ViTConfig, VisionTransformer
+from .model import ConfigError, ViTConfig, VisionTransformer, build_model, config_from_dict
+from .resnet import ResNetConfig, hybrid_channels, hybrid_stride
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -129,8 +139,8 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def read_config(directory: str | os.PathLike) -> ViTConfig:
-    """The `ViTConfig` saved in a checkpoint directory."""
+def read_config(directory: str | os.PathLike) -> ViTConfig | ResNetConfig:
+    """The config saved in a checkpoint directory: a `ViTConfig`, or a `ResNetConfig` for a BiT ResNet."""
     path = Path(directory) / CONFIG_FILE
     try:
         data = json.loads(path.read_text())
@@ -139,7 +149,7 @@ def read_config(directory: str | os.PathLike) -> ViTConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     try:
-        return ViTConfig.from_dict(data)
+        return config_from_dict(data)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -209,9 +219,28 @@ def npz_config(arrays: dict[str, np.ndarray], path="npz", source_grid: tuple[int
     num_classes = arrays["head/kernel"].shape[1] if "head/kernel" in arrays else 0
     tokens = _require(arrays, "Transformer/posembed_input/pos_embedding", path, 3).shape[1]
     source_grid = _source_grid(tokens - (classifier == "token"), path, source_grid, (ph, pw))
+    hybrid, stride = {}, 1
+    if "conv_root/kernel" in arrays:  # a hybrid: the stem's shape is in its arrays
+        in_chans, width = _require(arrays, "conv_root/kernel", path, 4).shape[2:]
+        units: dict[int, set[int]] = {}
+        for k in arrays:
+            if m := re.match(r"block(\d+)/unit(\d+)/conv1/kernel$", k):
+                units.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        stages = sorted(units)
+        if stages != list(range(1, len(stages) + 1)) or any(
+                sorted(units[i]) != list(range(1, len(units[i]) + 1)) for i in stages):
+            raise CheckpointError(f"{path}: the ResNet stem's blocks and units {dict(sorted(units.items()))} are not "
+                                  "numbered 1..n")
+        num_layers = tuple(len(units[i]) for i in stages)
+        hybrid = dict(resnet_num_layers=num_layers, resnet_width_factor=width / 64)
+        stride = hybrid_stride(num_layers)
+        if C != hybrid_channels(num_layers, width / 64):
+            raise CheckpointError(f"{path}: embedding/kernel reads {C} channels, the ResNet stem of {num_layers} "
+                                  f"units and width {width} gives {hybrid_channels(num_layers, width / 64)}")
+        C = in_chans  # the image's, not the feature map's
     try:
         return ViTConfig(
-            image_size=(source_grid[0] * ph, source_grid[1] * pw),
+            image_size=(source_grid[0] * ph * stride, source_grid[1] * pw * stride),
             patch_size=(ph, pw),
             in_chans=C,
             num_classes=num_classes,
@@ -224,6 +253,7 @@ def npz_config(arrays: dict[str, np.ndarray], path="npz", source_grid: tuple[int
             gelu="tanh",
             mean=(0.5,) * C,  # the official input pipeline maps pixels to [-1, 1]
             std=(0.5,) * C,
+            **hybrid,
         )
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
@@ -268,13 +298,38 @@ def npz_to_state_dict(arrays: dict[str, np.ndarray], cfg: ViTConfig) -> dict[str
     if cfg.num_classes:
         sd["head.weight"] = t("head/kernel").T
         sd["head.bias"] = t("head/bias")
+    for name, key in _stem_names(arrays, cfg).items():
+        sd[name] = t(key).permute(3, 2, 0, 1) if key.endswith("/kernel") else t(key)  # (h, w, in, out) -> (out, in, h, w)
     return {k: v.contiguous() for k, v in sd.items()}
 
 
+def _stem_names(arrays, cfg: ViTConfig) -> dict[str, str]:
+    """vitlab name -> official name of every array of a hybrid's ResNet stem ({} for a plain ViT)."""
+    if cfg.resnet_num_layers is None:
+        return {}
+    out = {"patch_embed.backbone.conv_root.weight": "conv_root/kernel",
+           "patch_embed.backbone.gn_root.weight": "gn_root/scale", "patch_embed.backbone.gn_root.bias": "gn_root/bias"}
+    for i, units in enumerate(cfg.resnet_num_layers):
+        for j in range(units):
+            ours, theirs = f"patch_embed.backbone.stages.{i}.units.{j}.", f"block{i + 1}/unit{j + 1}/"
+            parts = ["conv1", "conv2", "conv3"]
+            if j == 0 and (arrays is None or theirs + "conv_proj/kernel" in arrays):
+                parts.append("conv_proj")
+            for conv in parts:
+                gn = conv.replace("conv", "gn")
+                out[ours + conv + ".weight"] = theirs + conv + "/kernel"
+                out[ours + gn + ".weight"] = theirs + gn + "/scale"
+                out[ours + gn + ".bias"] = theirs + gn + "/bias"
+    return out
+
+
 def state_dict_to_npz(model: nn.Module) -> dict[str, np.ndarray]:
-    """The official arrays of a model: the inverse of `npz_to_state_dict`."""
+    """The official arrays of a model: the inverse of `npz_to_state_dict`. (The official layout has no place for
+    a BiT ResNet's or for the masked-patch-prediction head's weights: the latter are left out.)"""
     model = unwrap(model)
     cfg: ViTConfig = model.cfg
+    if not isinstance(cfg, ViTConfig):
+        raise ConfigError(f"{cfg.name or 'this model'} is not a ViT: the official npz layout holds ViTs only")
     sd = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in model.state_dict().items()}
     D, H = cfg.hidden_size, cfg.num_heads
     out = {
@@ -310,6 +365,9 @@ def state_dict_to_npz(model: nn.Module) -> dict[str, np.ndarray]:
     if cfg.num_classes:
         out["head/kernel"] = sd["head.weight"].T
         out["head/bias"] = sd["head.bias"]
+    for name, key in _stem_names(None, cfg).items():
+        if name in sd:
+            out[key] = sd[name].transpose(2, 3, 1, 0) if key.endswith("/kernel") else sd[name]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -686,9 +744,9 @@ def head_is_zero(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _fit_state_dict(sd: dict[str, torch.Tensor], cfg: ViTConfig, source) -> VisionTransformer:
-    """Build the model `cfg` describes and load `sd` into it, resizing the position grid when it changed."""
-    model = VisionTransformer(cfg)
+def _fit_state_dict(sd: dict[str, torch.Tensor], cfg, source) -> nn.Module:
+    """Build the model `cfg` describes and load `sd` into it."""
+    model = build_model(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -770,34 +828,49 @@ def load_model(
 
 
 @torch.no_grad()
-def adapt(model: VisionTransformer, *, pos_embed_interp: str = "bilinear", new_head: bool = False,
-          **changes) -> VisionTransformer:
+def adapt(model: nn.Module, *, pos_embed_interp: str = "bilinear", new_head: bool = False, **changes) -> nn.Module:
     """The same weights in a model with some config fields changed: a new resolution (the position embeddings
     interpolated in 2-D), a new number of classes or `new_head` (a fresh zero head, as for fine-tuning),
-    `representation_size=None` (the pre-logits layer dropped, and a new head), dropout, GELU form."""
+    `representation_size=None` (the pre-logits layer dropped, and a new head), `mpp_classes=0` (the masked patch
+    prediction's [mask] embedding and head dropped), dropout, GELU form. A BiT ResNet takes any resolution as
+    it is; only its head changes."""
     model = unwrap(model)
     old = model.cfg
     try:
         new = old.replace(**changes)
     except ConfigError as e:
         raise ConfigError(f"cannot adapt {old.name or 'the model'}: {e}") from None
-    architecture = ("patch_size", "in_chans", "hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier")
+    architecture = ("num_layers", "width_factor", "in_chans") if isinstance(old, ResNetConfig) else (
+        "patch_size", "in_chans", "hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier",
+        "resnet_num_layers", "resnet_width_factor")
     for field in architecture:
         if getattr(new, field) != getattr(old, field):
             raise ConfigError(f"{field} cannot change on loaded weights ({getattr(old, field)} -> {getattr(new, field)})")
+    out = build_model(new)
+    sd = dict(model.state_dict())
+    if isinstance(old, ResNetConfig):
+        return _new_head(out, sd, new_head or new.num_classes != old.num_classes).train(model.training)
     if new.representation_size not in (None, old.representation_size):
         raise ConfigError(f"representation_size can only be dropped on loaded weights ({old.representation_size} "
                           f"-> {new.representation_size})")
-    out = VisionTransformer(new)
-    sd = dict(model.state_dict())
+    if new.mpp_classes not in (0, old.mpp_classes):
+        raise ConfigError(f"mpp_classes can only be dropped on loaded weights ({old.mpp_classes} -> {new.mpp_classes})")
+    if new.mpp_classes != old.mpp_classes:  # pre-trained by masked patch prediction: its own parts dropped
+        for k in [k for k in sd if k == "mask_token" or k.startswith("mpp_head.")]:
+            del sd[k]
     sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], old.grid_size, new.grid_size, old.num_prefix_tokens, pos_embed_interp)
     if new.representation_size != old.representation_size:  # the pre-logits layer dropped (section 3.1)
         for k in [k for k in sd if k.startswith("pre_logits.")]:
             del sd[k]
         new_head = True  # the head read the dropped layer's output
-    if new_head or new.num_classes != old.num_classes:
+    return _new_head(out, sd, new_head or new.num_classes != old.num_classes).train(model.training)
+
+
+def _new_head(out: nn.Module, sd: dict[str, torch.Tensor], new_head: bool) -> nn.Module:
+    """Load `sd` into `out`, with `out`'s own fresh (zero) head when `new_head`."""
+    if new_head:
         for k in [k for k in sd if k.startswith("head.")]:
             del sd[k]
         sd.update({k: v for k, v in out.state_dict().items() if k.startswith("head.")})
     out.load_state_dict(sd)
-    return out.train(model.training)
+    return out

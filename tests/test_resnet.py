@@ -1,0 +1,296 @@
+"""The ResNets: weight standardisation and GroupNorm against their formulas, TensorFlow's SAME padding, the
+hybrid's shapes and its official npz against timm's hybrid, BiT against timm's BiT, names, cost, training."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from official import hybrid_arrays, write_npz
+from vitlab.model import ConfigError, create_model, forward_flops, model_config, num_params, variant_config
+from vitlab.resnet import (
+    HybridStem,
+    ResNetConfig,
+    ResNetV2,
+    StdConv2d,
+    bit_config,
+    group_norm,
+    same_padding,
+    standardize_weight,
+)
+from vitlab.weights import CheckpointError, adapt, export_npz, load_model, read_config, save_checkpoint
+
+timm = pytest.importorskip("timm")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The parts against their formulas
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_weight_standardisation_is_the_formula_per_output_channel():
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64) * 0.3 + 0.1
+    flat = w.numpy().reshape(5, -1)
+    mean, std = flat.mean(axis=1, keepdims=True), flat.std(axis=1, keepdims=True)  # population std, as jnp.std
+    official = (flat - mean) / (std + 1e-5)  # vit_jax models_resnet.weight_standardize
+    bit = (flat - mean) / np.sqrt(std**2 + 1e-10)  # big_transfer's StdConv2d
+    np.testing.assert_allclose(standardize_weight(w, 1e-5, "std").numpy().reshape(5, -1), official, rtol=1e-12)
+    np.testing.assert_allclose(standardize_weight(w, 1e-10, "var").numpy().reshape(5, -1), bit, rtol=1e-12)
+    out = standardize_weight(w, 1e-10, "var").numpy().reshape(5, -1)
+    np.testing.assert_allclose(out.mean(axis=1), 0, atol=1e-12)
+    np.testing.assert_allclose(out.std(axis=1), 1, atol=1e-9)
+
+
+def test_std_conv_convolves_with_the_standardised_kernel():
+    conv = StdConv2d(3, 4, 3, 1, 1, eps=1e-5, form="std")
+    x = torch.randn(2, 3, 8, 8)
+    expected = F.conv2d(x, standardize_weight(conv.weight, 1e-5, "std"), padding=1)
+    torch.testing.assert_close(conv(x), expected)
+    # the standardisation makes the convolution blind to the kernel's scale and offset
+    with torch.no_grad():
+        before = conv(x)
+        conv.weight.mul_(7.0).add_(3.0)
+    torch.testing.assert_close(conv(x), before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channels,groups", [(64, 32), (256, 32), (16, 16)])
+def test_group_norm_is_the_formula(channels, groups):
+    gn = group_norm(channels, eps=1e-6)
+    assert gn.num_groups == groups
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    x = torch.randn(3, channels, 5, 4, dtype=torch.float64)
+    g = x.numpy().reshape(3, groups, -1)
+    mean, var = g.mean(axis=2, keepdims=True), g.var(axis=2, keepdims=True)
+    normed = ((g - mean) / np.sqrt(var + 1e-6)).reshape(x.shape)
+    expected = normed * gn.weight.detach().double().numpy()[:, None, None] + gn.bias.detach().double().numpy()[:, None, None]
+    np.testing.assert_allclose(gn.double()(x).detach().numpy(), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n,k,s,before,after", [(224, 7, 2, 2, 3), (56, 3, 2, 0, 1), (56, 3, 1, 1, 1),
+                                                 (7, 1, 2, 0, 0), (9, 3, 2, 1, 1)])
+def test_same_padding_is_tensorflows(n, k, s, before, after):
+    x = torch.ones(1, 1, n, n)
+    padded = same_padding(x, k, s)
+    assert padded.shape[-1] == n + before + after
+    assert padded[0, 0, 0, :before].sum() == 0 and padded[0, 0, n // 2, before:before + n].sum() == n
+    assert F.max_pool2d(padded, k, s).shape[-1] == math.ceil(n / s)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The hybrid
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,image,layers,patch,stride,tokens,channels", [
+    ("r50+vit-b/16", 224, (3, 4, 9), 1, 16, 14 * 14, 1024),  # the paper's hybrid
+    ("r50+vit-b/16", 384, (3, 4, 9), 1, 16, 24 * 24, 1024),
+    ("r26+vit-s/32", 224, (2, 2, 2, 2), 1, 32, 7 * 7, 2048),
+    ("r50+vit-l/32", 224, (3, 4, 6, 3), 1, 32, 7 * 7, 2048),
+    ("r+vit-ti/16", 224, (), 4, 4, 14 * 14, 64),  # the root block alone
+    ("r26+vit-ti/8", 32, (2, 6), 1, 8, 4 * 4, 512),
+])
+def test_hybrid_token_count_and_shapes(name, image, layers, patch, stride, tokens, channels):
+    cfg = variant_config(name, image_size=image, hidden_size=64, num_heads=2, num_layers=1, mlp_dim=64,
+                         num_classes=5)
+    assert cfg.resnet_num_layers == layers and cfg.patch_size == (patch, patch) and cfg.stem_stride == stride
+    assert cfg.num_patches == tokens
+    with torch.device("meta"):
+        model = create_model(name, image_size=image, hidden_size=64, num_heads=2, num_layers=1, mlp_dim=64,
+                             num_classes=5)
+        x = torch.zeros(2, 3, image, image)
+        features = model.patch_embed.backbone(x)
+        assert features.shape == (2, channels, image // stride, image // stride)
+        assert model.patch_embed(x).shape == (2, tokens, 64)
+        assert model.forward_features(x).shape == (2, tokens + 1, 64)
+        assert model(x).shape == (2, 5)
+    assert model.pos_embed.shape == (1, tokens + 1, 64)
+
+
+def test_hybrid_names_and_errors():
+    assert variant_config("R50+ViT-B/16").name == "R50+ViT-B/16"
+    with pytest.raises(ConfigError, match="multiple of its stem's stride"):
+        variant_config("r50+vit-b/2")
+    with pytest.raises(ConfigError, match="no ResNet-34"):
+        variant_config("r34+vit-b/16")
+    with pytest.raises(ConfigError, match="stem stride 16"):
+        variant_config("r50+vit-b/16", image_size=200)
+    with pytest.raises(ConfigError, match="resnet_num_layers"):
+        variant_config("r50+vit-b/16", resnet_num_layers=(1, 0))
+
+
+def test_r50_vit_b16_size_equals_timm():
+    cfg = variant_config("r50+vit-b/16", num_classes=1000)
+    theirs = timm.create_model("vit_base_r50_s16_224", num_classes=1000)
+    assert num_params(cfg) == sum(p.numel() for p in theirs.parameters()) == 98_659_112
+
+
+def timm_hybrid(path, *, layers, hidden, depth, heads, mlp, image, num_classes):
+    """timm's own hybrid ViT (ResNetV2 stem, HybridEmbed) loaded with timm's own npz loader: the oracle."""
+    from functools import partial
+
+    from timm.layers import HybridEmbed, StdConv2dSame
+    from timm.models.resnetv2 import ResNetV2, create_resnetv2_stem
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    from timm.models.vision_transformer import _load_weights
+
+    conv = partial(StdConv2dSame, eps=1e-8)
+    if layers:
+        backbone = ResNetV2(layers=layers, num_classes=0, global_pool="", preact=False, stem_type="same",
+                            conv_layer=conv, width_factor=1)
+    else:
+        backbone = create_resnetv2_stem(3, stem_type="same", preact=False, conv_layer=conv)
+    model = TimmViT(img_size=image, patch_size=1, num_classes=num_classes, embed_dim=hidden, depth=depth,
+                    num_heads=heads, mlp_ratio=mlp / hidden,
+                    embed_layer=partial(HybridEmbed, backbone=backbone))
+    _load_weights(model, str(path))
+    return model.eval()
+
+
+def as_timm_numerics(model):
+    """The same model with timm's hybrid numerics: weights standardised as (w - m) / sqrt(var + 1e-8), GroupNorm
+    eps 1e-5 (the official code: (w - m) / (std + 1e-5) and eps 1e-6)."""
+    for m in model.modules():
+        if isinstance(m, StdConv2d):
+            m.eps, m.form = 1e-8, "var"
+        elif isinstance(m, torch.nn.GroupNorm):
+            m.eps = 1e-5
+    return model
+
+
+@pytest.mark.parametrize("layers", [(3, 4, 9), (2, 2, 2, 2), (1, 2), ()])
+def test_hybrid_npz_logits_equal_timm(tmp_path, layers):
+    """An official hybrid npz, written key by key: its stem's depths come from its arrays (any, not only
+    (3, 4, 9)), and the logits are timm's for the same file."""
+    width, stride = 64, 4 * 2 ** max(len(layers) - 1, 0)
+    image = 2 * stride if len(layers) > 2 else 4 * stride
+    grid = (image // stride,) * 2
+    arrays = hybrid_arrays(num_layers=layers, width=width, hidden=32, layers=2, heads=4, mlp=64, grid=grid,
+                           num_classes=7, scale=0.2)
+    path = write_npz(tmp_path / "R_hybrid.npz", arrays)
+    ours = load_model(path, gelu="exact")  # timm runs the exact GELU
+    assert ours.cfg.resnet_num_layers == layers and ours.cfg.resnet_width_factor == 1
+    assert ours.cfg.image_size == (image, image) and ours.cfg.patch_size == (1, 1)
+    theirs = timm_hybrid(path, layers=layers, hidden=32, depth=2, heads=4, mlp=64, image=image, num_classes=7)
+    x = torch.randn(3, 3, image, image)
+    with torch.no_grad():
+        expected = theirs(x)
+        official = ours(x)
+        same_numerics = as_timm_numerics(ours)(x)
+    assert expected.std() > 0.1
+    # with timm's epsilons the two are the same computation
+    assert (same_numerics - expected).abs().max() < 1e-4
+    # with the official ones (ours by default) they differ by what the epsilons make, and no more
+    assert (official - expected).abs().max() < 2e-3 * expected.abs().max()
+
+
+def test_hybrid_npz_round_trip_and_config(tmp_path):
+    arrays = hybrid_arrays(num_layers=(1, 2), width=32, hidden=32, layers=1, heads=2, mlp=32, grid=(2, 2),
+                           num_classes=3)
+    path = write_npz(tmp_path / "h.npz", arrays)
+    model = load_model(path)
+    assert model.cfg.resnet_width_factor == 0.5 and model.cfg.image_size == (16, 16)
+    export_npz(model, tmp_path / "again.npz")
+    again = np.load(tmp_path / "again.npz")
+    assert sorted(again.files) == sorted(arrays)
+    for k in arrays:
+        np.testing.assert_array_equal(again[k], arrays[k], err_msg=k)
+    save_checkpoint(model, tmp_path / "ckpt")
+    assert read_config(tmp_path / "ckpt") == model.cfg
+    # a new resolution: the position embeddings interpolated over the stem's grid
+    bigger = adapt(model, image_size=32)
+    assert bigger.pos_embed.shape == (1, 4 * 4 + 1, 32) and bigger(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_hybrid_npz_with_missing_units_is_refused(tmp_path):
+    arrays = hybrid_arrays(num_layers=(2,), width=32, hidden=32, layers=1, heads=2, mlp=32, grid=(2, 2))
+    for k in [k for k in arrays if k.startswith("block1/unit1/")]:
+        del arrays[k]
+    with pytest.raises(CheckpointError, match="not numbered"):
+        load_model(write_npz(tmp_path / "h.npz", arrays))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BiT
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,layers,width", [("bit-r50x1", (3, 4, 6, 3), 1), ("BiT-R26x1", (2, 2, 2, 2), 1),
+                                                ("bit-r50x3", (3, 4, 6, 3), 3), ("bit-r26x0.5", (2, 2, 2, 2), 0.5)])
+def test_bit_names(name, layers, width):
+    cfg = model_config(name)
+    assert isinstance(cfg, ResNetConfig) and cfg.num_layers == layers and cfg.width_factor == width
+
+
+def test_bit_r50x1_size_and_cost_equal_resnet50s():
+    cfg = bit_config("bit-r50x1")
+    assert num_params(cfg) == sum(p.numel() for p in timm.create_model("resnetv2_50x1_bit").parameters())
+    assert forward_flops(cfg) / 2 / 1e9 == pytest.approx(4.1, abs=0.05)  # ResNet-50's 4.1 GMACs at 224 px
+
+
+def test_bit_equals_timm_bit():
+    """Our BiT is timm's resnetv2_50x1_bit (big_transfer's model): same weights, same logits up to the
+    standardisation's epsilon (1e-10 in big_transfer, 1e-8 in timm)."""
+    ours = ResNetV2(bit_config("bit-r26x1", num_classes=6)).eval()
+    from functools import partial
+
+    from timm.layers import StdConv2d as TimmStdConv2d
+    from timm.models.resnetv2 import ResNetV2 as TimmResNetV2
+
+    # what timm's resnetv2_50x1_bit builds, with ResNet-26's stages
+    theirs = TimmResNetV2(layers=(2, 2, 2, 2), num_classes=6, stem_type="fixed",
+                          conv_layer=partial(TimmStdConv2d, eps=1e-8)).eval()
+    names = {"conv_root.weight": "stem.conv.weight", "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+    for k in ours.state_dict():
+        if k.startswith("stages."):
+            t = k.replace(".units.", ".blocks.").replace("conv_proj", "downsample.conv")
+            for i in "123":
+                t = t.replace(f"gn{i}.", f"norm{i}.")
+            names[k] = t
+    with torch.no_grad():
+        sd = {}
+        for k, v in ours.state_dict().items():
+            if k.startswith("head."):
+                continue
+            sd[names[k]] = torch.randn_like(v) * (0.1 if ".bias" in k else 1) + (1 if "gn" in k and "weight" in k else 0)
+        head_w, head_b = torch.randn(6, ours.num_features) * 0.05, torch.randn(6) * 0.1
+        theirs.load_state_dict({**sd, "head.fc.weight": head_w[:, :, None, None], "head.fc.bias": head_b})
+        ours.load_state_dict({**{k: sd[names[k]] for k in names}, "head.weight": head_w, "head.bias": head_b})
+        x = torch.randn(2, 3, 96, 96)
+        expected = theirs(x)
+        assert expected.std() > 0.1
+        torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bit_checkpoint_round_trip_and_new_head(tmp_path):
+    model = ResNetV2(bit_config("bit-r26x0.25", num_classes=4, image_size=32))
+    assert not model.head.weight.any()  # BiT's zero head
+    with torch.no_grad():
+        model.head.weight.normal_()
+    save_checkpoint(model, tmp_path / "bit")
+    assert json.loads((tmp_path / "bit" / "config.json").read_text())["family"] == "bit"
+    loaded = load_model(tmp_path / "bit")
+    assert isinstance(loaded, ResNetV2) and loaded.cfg == model.cfg
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+    other = load_model(tmp_path / "bit", num_classes=7, image_size=64)
+    assert other(torch.randn(1, 3, 64, 64)).shape == (1, 7) and not other.head.weight.any()
+    with pytest.raises(ConfigError, match="num_layers cannot change"):
+        adapt(loaded, num_layers=(1, 1, 1, 1))
+    with pytest.raises(ConfigError, match="official npz layout holds ViTs only"):
+        export_npz(loaded, tmp_path / "bit.npz")
+
+
+def test_bit_config_errors():
+    with pytest.raises(ConfigError, match="unknown model"):
+        model_config("bit-r34x1")
+    with pytest.raises(ConfigError, match="hidden_size does not apply to a BiT ResNet"):
+        bit_config("bit-r50x1", hidden_size=3)
+    with pytest.raises(ConfigError, match="width_factor"):
+        bit_config("bit-r50x1", width_factor=0.001)
+    with pytest.raises(ConfigError, match="too small"):
+        bit_config("bit-r50x1", image_size=16)
