@@ -111,7 +111,6 @@ def main() -> None:
     steps = ["--steps", str(args.steps), "--save-every", str(args.steps), "--eval-every", str(args.steps)]
     base = vitlab("train", "--data", args.data, *RECIPE)
     results = {}
-    start = time.perf_counter()
     with open(out / "results.jsonl", "a") as log:
         if "data" not in args.skip:
             mpp = run(out, "mpp-pretrain", base + VIT + ["--objective", "mpp", "--steps", str(args.mpp_steps),
@@ -132,18 +131,20 @@ def main() -> None:
                     results[key] = results[f"bit-{full}"]
                 else:
                     results[key] = run(out, key, base + flags + ["--train-images", str(full)] + steps, log)
-    report(out, results, sizes, args, time.perf_counter() - start)
+    report(out, results, sizes, args)
+    unique = sorted({r["name"]: r for r in results.values()}.values(), key=lambda r: r["name"])
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unique))
 
 
-def report(out: Path, results: dict, sizes: list[int], args, elapsed: float) -> None:
+def report(out: Path, results: dict, sizes: list[int], args) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines = [f"# Data size and compute at this machine's scale (CIFAR-10, 32 px, val split of 4,990 images)\n",
-             f"Every run: {args.steps} steps of 128 images, the same recipe (experiments/data_size.py). "
-             f"Wall time of this invocation: {elapsed / 60:.1f} min (runs finished before are not rerun).\n"]
+             f"Every run: {args.steps} steps of 128 images, the same recipe (experiments/data_size.py).\n"]
     if any(k.startswith("vit-") and k[4:].isdigit() for k in results):
         mpp = results.get("mpp-pretrain")
         lines += ["## Validation top-1 against training-set size\n",
@@ -166,6 +167,8 @@ def report(out: Path, results: dict, sizes: list[int], args, elapsed: float) -> 
             lines.append(f"\nMasked patch prediction: {mpp['steps']} steps on the whole training split, labels "
                          f"unused; val accuracy of the corrupted patches' 3-bit mean colours {mpp['val_top1']:.4f}.\n")
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training images (nested subsets of the CIFAR-10 training split)")
         ax.set_ylabel("validation top-1")
         ax.set_title(f"Accuracy against data size ({args.steps} steps each)")
@@ -190,15 +193,20 @@ def report(out: Path, results: dict, sizes: list[int], args, elapsed: float) -> 
                 lines.append(f"| {MODELS[k][0]} | {family} | {per_image:.4f} | {r['train_flops']:.3g} | "
                              f"{r['val_top1']:.4f} | {r['wall_s'] / 60:.1f} min |")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training compute (FLOPs: 3 x forward FLOPs x images)")
         ax.set_ylabel("validation top-1")
         ax.set_title(f"Accuracy against compute ({args.steps} steps of 128 images)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="lower right")
         fig.tight_layout()
         fig.savefig(out / "compute.png", dpi=120)
         plt.close(fig)
-    lines.append("\nCommands (each run's full command is in results.jsonl):\n")
+    unique = {r["name"]: r for r in results.values()}  # vit-m is vit-45000, bit-m bit-45000
+    total = sum(r["wall_s"] for r in unique.values()) / 60
+    lines.append(f"\nAll {len(unique)} runs: {total:.1f} min of training and evaluation, one after another, on 2 CPU "
+                 "cores. Rerun: `python experiments/data_size.py` (each run's full `vitlab train` command is in "
+                 "runs.jsonl).\n")
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print((out / "RESULTS.md").read_text())
 
