@@ -68,7 +68,7 @@ def test_the_corruption_replaces_what_it_says():
 
 
 def test_three_bit_mean_colour_targets_by_hand():
-    # one 2x2 image of 1x1... no: one 4x4 RGB image, patches of 2x2, each patch one colour but the last
+    # one 4x4 RGB image in a 2x2 grid of 2x2-pixel patches: three of one colour each, the last mixed
     image = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
     image[0, :, :2, :2] = torch.tensor([255, 128, 25]).view(3, 1, 1)  # levels 7, 4 (128/255*8 = 4.02), 0
     image[0, :, :2, 2:] = torch.tensor([0, 0, 0]).view(3, 1, 1)  # black: class 0
@@ -76,8 +76,8 @@ def test_three_bit_mean_colour_targets_by_hand():
     image[0, :, 2:, 2:] = torch.tensor([[0, 255], [255, 255]], dtype=torch.uint8)  # mean 191.25 -> 6.0 -> 6
     targets = mean_colour_targets(image, (2, 2))
     assert targets.tolist() == [[7 * 64 + 4 * 8 + 0, 0, 1 * 64 + 2 * 8 + 7, 6 * 64 + 6 * 8 + 6]]
-    assert mean_colour_targets(torch.full((2, 1, 4, 4), 255, dtype=torch.uint8), (4, 4)).tolist() == [[7], [7]]
-    assert mean_colour_targets(torch.zeros(1, 3, 8, 8), (4, 4)).shape == (1, 4)  # floats in [0, 1] too
+    assert mean_colour_targets(torch.full((2, 1, 4, 4), 255, dtype=torch.uint8), (1, 1)).tolist() == [[7], [7]]
+    assert mean_colour_targets(torch.zeros(1, 3, 8, 8), (2, 2)).shape == (1, 4)  # floats in [0, 1] too
 
 
 def test_the_model_predicts_a_colour_per_patch():

@@ -51,6 +51,7 @@ def cmd_models(args) -> None:
             f"{r['tokens']:>7} {r['params']:>14,} {r['gflops']:>9.2f}"
         )
     from .model import forward_flops, model_config, num_params
+    from .resnet import ResNetConfig
 
     print(f"\nThe paper's baselines and hybrids at {h}x{w} (`--model NAME`; a hybrid's number is its effective patch)")
     print(f"{'name':<14} {'ResNet stages':<16} {'tokens':>7} {'params':>14} {'GFLOPs':>9}")
@@ -59,7 +60,7 @@ def cmd_models(args) -> None:
             cfg = model_config(name, image_size=args.image_size, num_classes=args.num_classes)
         except ConfigError:  # an image size the hybrid's stride does not divide
             continue
-        hybrid = hasattr(cfg, "resnet_num_layers")
+        hybrid = not isinstance(cfg, ResNetConfig)
         stages = cfg.resnet_num_layers if hybrid else cfg.num_layers
         tokens = cfg.num_patches + cfg.num_prefix_tokens if hybrid else "-"
         print(f"{cfg.name:<14} {str(tuple(stages)) if stages else 'root only':<16} {tokens:>7} {num_params(cfg):>14,} "

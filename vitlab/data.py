@@ -964,9 +964,11 @@ def _build_wds(pattern: str, *, image_size, in_chans, aug, val_split, split, bad
         max_label = -1
         for shard in shards:
             keys, labels = _scan_shard(shard, want_labels=class_names is None)
-            n_val = sum(in_val_split(k, val_split) for k in keys) if val_split else 0
-            counts[None][shard], counts["val"][shard], counts["train"][shard] = len(keys), n_val, len(keys) - n_val
-            shard_keys[shard] = [k for k in keys if not (val_split and in_val_split(k, val_split))]
+            train_keys = [k for k in keys if not in_val_split(k, val_split)] if val_split else keys
+            n_val = len(keys) - len(train_keys)
+            counts[None][shard], counts["val"][shard], counts["train"][shard] = len(keys), n_val, len(train_keys)
+            if train_images is not None:
+                shard_keys[shard] = train_keys
             max_label = max([max_label, *labels])
         if class_names is None:
             class_names = [str(i) for i in range(max_label + 1)]

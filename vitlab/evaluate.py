@@ -101,14 +101,17 @@ class Classification:
         self.dataset, self.name, self.real = dataset, name, real
         self.batch_size, self.device, self.precision, self.num_workers = batch_size, device, precision, num_workers
 
-    def run(self, model: nn.Module) -> dict[str, float]:
+    def loader(self):
+        """The split in order, every image once."""
         from . import data
 
-        loader = data.make_loader(
+        return data.make_loader(
             self.dataset, self.batch_size, shuffle=False, seed=0, epoch=0, num_workers=self.num_workers,
             even=False, pin_memory=self.device.type == "cuda",
         )
-        return evaluate(model, loader, self.device, self.precision, self.real)
+
+    def run(self, model: nn.Module) -> dict[str, float]:
+        return evaluate(model, self.loader(), self.device, self.precision, self.real)
 
 
 def _device() -> torch.device:

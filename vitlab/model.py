@@ -234,6 +234,9 @@ def variant_config(name: str, **overrides) -> ViTConfig:
     if patch < 1:
         raise ConfigError(f"patch size in {name!r} must be >= 1")
     fields = dict(VARIANTS[size], patch_size=patch, name=f"ViT-{size}/{patch}")
+    if not match.group(1) and {"resnet_num_layers", "resnet_width_factor"} & set(overrides):
+        raise ConfigError(f"resnet_num_layers and resnet_width_factor apply to hybrids and BiT ResNets, not to {name} "
+                          "(e.g. r50+vit-b/16, bit-r50x1)")
     if match.group(1):  # a hybrid
         from .resnet import hybrid_layers
 
@@ -573,15 +576,17 @@ def draw_corruption(batch: int, num_patches: int, generator: torch.Generator | N
     return Corruption(*(t.to(device) for t in (chosen, masked, swapped, source)), count=batch * count)
 
 
-def mean_colour_targets(images: torch.Tensor, patch_size: tuple[int, int], bits: int = 3) -> torch.Tensor:
-    """Each patch's mean colour, quantised to `bits` bits per channel: the class (B, N) of 2^(bits*C).
+def mean_colour_targets(images: torch.Tensor, grid: tuple[int, int], bits: int = 3) -> torch.Tensor:
+    """Each token's mean colour, quantised to `bits` bits per channel: the class (B, N) of 2^(bits*C).
 
-    `images` are uint8 (B, C, H, W) (or floats in [0, 1]). Channel c's level is floor(mean * 2^bits), at most
-    2^bits - 1; the class reads the levels as digits, the first channel most significant (R*64 + G*8 + B).
+    `images` are uint8 (B, C, H, W) (or floats in [0, 1]) at the model's resolution, cut into the model's token
+    `grid` (the patches; a hybrid's stem cells cover stride x patch pixels). Channel c's level is
+    floor(mean * 2^bits), at most 2^bits - 1; the class reads the levels as digits, the first channel most
+    significant (R*64 + G*8 + B).
     """
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    ph, pw = patch_size
-    means = F.avg_pool2d(x, (ph, pw), (ph, pw))  # (B, C, H/P, W/P)
+    cell = (x.shape[-2] // grid[0], x.shape[-1] // grid[1])
+    means = F.avg_pool2d(x, cell, cell)  # (B, C, grid_h, grid_w)
     levels = (means * 2**bits).floor().clamp_(0, 2**bits - 1).long()
     C = levels.shape[1]
     weights = torch.tensor([2 ** (bits * (C - 1 - c)) for c in range(C)], device=x.device).view(1, C, 1, 1)

@@ -110,12 +110,13 @@ class ResidualUnit(nn.Module):
         return F.relu(residual + y)
 
 
-class HybridStage(nn.Module):
-    def __init__(self, in_channels: int, features: int, num_units: int, stride: int):
+class Stage(nn.Module):
+    """`num_units` units of one kind (ResidualUnit or PreActUnit), the first changing width and stride."""
+
+    def __init__(self, unit: type[nn.Module], in_channels: int, features: int, num_units: int, stride: int):
         super().__init__()
         self.units = nn.ModuleList(
-            ResidualUnit(in_channels if i == 0 else 4 * features, features, stride if i == 0 else 1)
-            for i in range(num_units)
+            unit(in_channels if i == 0 else 4 * features, features, stride if i == 0 else 1) for i in range(num_units)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,8 +125,18 @@ class HybridStage(nn.Module):
         return x
 
 
-def hybrid_width(width_factor: float) -> int:
-    """The root block's width, as the official code rounds it: int(64 * width_factor)."""
+def make_stages(unit: type[nn.Module], width: int, num_layers: Sequence[int]) -> tuple[nn.ModuleList, int]:
+    """The stages after the root block, and their output channels: stage i has `num_layers[i]` units of width
+    width * 2^i (4x that out), the first at stride 1 and each next one at stride 2."""
+    stages, channels = [], width
+    for i, units in enumerate(num_layers):
+        stages.append(Stage(unit, channels, width * 2**i, units, 1 if i == 0 else 2))
+        channels = 4 * width * 2**i
+    return nn.ModuleList(stages), channels
+
+
+def root_width(width_factor: float) -> int:
+    """The root block's width, as the official code and BiT round it: int(64 * width_factor)."""
     return int(64 * width_factor)
 
 
@@ -137,7 +148,7 @@ def hybrid_stride(num_layers: Sequence[int]) -> int:
 
 def hybrid_channels(num_layers: Sequence[int], width_factor: float) -> int:
     """The channels of the stem's output: the root's width, or 4 x the last stage's width."""
-    width = hybrid_width(width_factor)
+    width = root_width(width_factor)
     return width if not num_layers else 4 * width * 2 ** (len(num_layers) - 1)
 
 
@@ -149,16 +160,10 @@ class HybridStem(nn.Module):
 
     def __init__(self, in_chans: int, num_layers: Sequence[int], width_factor: float):
         super().__init__()
-        width = hybrid_width(width_factor)
+        width = root_width(width_factor)
         self.conv_root = StdConv2d(in_chans, width, 7, 2, "same", **_HYBRID)
         self.gn_root = group_norm(width, _HYBRID_GN_EPS)
-        stages, channels = [], width
-        for i, units in enumerate(num_layers):
-            features = width * 2**i
-            stages.append(HybridStage(channels, features, units, 1 if i == 0 else 2))
-            channels = 4 * features
-        self.stages = nn.ModuleList(stages)
-        self.out_channels = channels
+        self.stages, self.out_channels = make_stages(ResidualUnit, width, num_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.gn_root(self.conv_root(x)))  # (B, w, H/2, W/2)
@@ -218,14 +223,6 @@ class ResNetConfig(ConfigMethods):
         if min(self.image_size) < 32:
             raise ConfigError(f"image_size {self.image_size} is too small for a ResNet (its stride is 32)")
 
-    @property
-    def width(self) -> int:
-        return int(64 * self.width_factor)
-
-    @property
-    def num_features(self) -> int:
-        return 4 * self.width * 2 ** (len(self.num_layers) - 1)
-
 
 def _check_layers(value, field: str, allow_empty: bool) -> None:
     ok = isinstance(value, (tuple, list)) and all(
@@ -264,20 +261,6 @@ class PreActUnit(nn.Module):
         return y + residual
 
 
-class BiTStage(nn.Module):
-    def __init__(self, in_channels: int, features: int, num_units: int, stride: int):
-        super().__init__()
-        self.units = nn.ModuleList(
-            PreActUnit(in_channels if i == 0 else 4 * features, features, stride if i == 0 else 1)
-            for i in range(num_units)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for unit in self.units:
-            x = unit(x)
-        return x
-
-
 class ResNetV2(nn.Module):
     """BiT: root (7×7 stride-2 convolution, 3×3 stride-2 max-pool), stages, GroupNorm-ReLU, global average pool,
     a zero-initialised head. `forward_features` / `forward_head` as the ViT's, for the evaluators."""
@@ -285,14 +268,9 @@ class ResNetV2(nn.Module):
     def __init__(self, cfg: ResNetConfig):
         super().__init__()
         self.cfg = cfg
-        width = cfg.width
+        width = root_width(cfg.width_factor)
         self.conv_root = StdConv2d(cfg.in_chans, width, 7, 2, 3, **_BIT)
-        stages, channels = [], width
-        for i, units in enumerate(cfg.num_layers):
-            features = width * 2**i
-            stages.append(BiTStage(channels, features, units, 1 if i == 0 else 2))
-            channels = 4 * features
-        self.stages = nn.ModuleList(stages)
+        self.stages, channels = make_stages(PreActUnit, width, cfg.num_layers)
         self.norm = group_norm(channels, _BIT_GN_EPS)
         self.num_features = channels
         self.head = nn.Linear(channels, cfg.num_classes) if cfg.num_classes else nn.Identity()

@@ -273,9 +273,6 @@ class TrainConfig:
             resnet_num_layers=self.resnet_num_layers, resnet_width_factor=self.resnet_width_factor,
         )
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        if "+" not in self.model and ("resnet_num_layers" in overrides or "resnet_width_factor" in overrides):
-            raise ConfigError(f"resnet_num_layers and resnet_width_factor apply to hybrids and BiT ResNets, not to "
-                              f"{self.model} (e.g. r50+vit-b/16, bit-r50x1)")
         if self.objective == "mpp":  # 3 bits of mean colour per channel (appendix B.1.2), no class head
             common.update(num_classes=0, class_names=None)
             overrides["mpp_classes"] = 2 ** (MPP_BITS * self.in_chans)
@@ -437,35 +434,23 @@ def _patch_text(cfg) -> str:
     return text if cfg.stem_stride == 1 else f"{text} on the ResNet stem's feature map (stride {cfg.stem_stride})"
 
 
-def _pixel_patch(cfg) -> tuple[int, int]:
-    """The pixels one token covers: the patch, times the stem's stride in a hybrid."""
-    return (cfg.patch_size[0] * cfg.stem_stride, cfg.patch_size[1] * cfg.stem_stride)
-
-
-class MaskedPatchPrediction:
+class MaskedPatchPrediction(Classification):
     """The evaluator of masked patch prediction on one split: `run(model)` gives the loss and top-1 accuracy of
     the corrupted patches' mean colours (top1, loss, n = patches predicted). The corruption is drawn from a fixed
     seed, the same at every evaluation, so that the numbers of a run compare across its steps."""
-
-    def __init__(self, dataset, name: str, *, batch_size: int, device: torch.device, precision: str,
-                 num_workers: int = 0, seed: int = 0):
-        self.dataset, self.name, self.seed = dataset, name, seed
-        self.batch_size, self.device, self.precision, self.num_workers = batch_size, device, precision, num_workers
 
     @torch.no_grad()
     def run(self, model: nn.Module) -> dict[str, float]:
         from . import data
 
         cfg = unwrap(model).cfg
-        loader = data.make_loader(self.dataset, self.batch_size, shuffle=False, seed=0, epoch=0,
-                                  num_workers=self.num_workers, even=False, pin_memory=self.device.type == "cuda")
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(0)
         was_training = model.training
         model.eval()
         loss, correct, n = 0.0, 0, 0
-        for images, _ in loader:
+        for images, _ in self.loader():
             images = images.to(self.device)
-            targets = mean_colour_targets(images, _pixel_patch(cfg), MPP_BITS)
+            targets = mean_colour_targets(images, cfg.grid_size, MPP_BITS)
             corruption = draw_corruption(len(images), cfg.num_patches, generator, self.device)
             with autocast(self.device, self.precision):
                 logits = model(data.normalize(images, cfg.mean, cfg.std), corruption=corruption)[corruption.chosen]
@@ -937,7 +922,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
             if mpp:  # the targets are the patches' colours; which patches, one draw per (seed, step, process)
-                targets = mean_colour_targets(images, _pixel_patch(model_cfg), MPP_BITS)  # (B, N)
+                targets = mean_colour_targets(images, model_cfg.grid_size, MPP_BITS)  # (B, N)
                 generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 4096 + rank)
                 corruption = draw_corruption(len(x), model_cfg.num_patches, generator, device)
                 n = corruption.count  # the loss is the mean over the batch's corrupted patches

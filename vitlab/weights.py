@@ -298,13 +298,15 @@ def npz_to_state_dict(arrays: dict[str, np.ndarray], cfg: ViTConfig) -> dict[str
     if cfg.num_classes:
         sd["head.weight"] = t("head/kernel").T
         sd["head.bias"] = t("head/bias")
-    for name, key in _stem_names(arrays, cfg).items():
-        sd[name] = t(key).permute(3, 2, 0, 1) if key.endswith("/kernel") else t(key)  # (h, w, in, out) -> (out, in, h, w)
+    for name, key in _stem_names(cfg).items():  # a projection the stem needs but the file lacks: a missing key
+        if key in arrays:
+            sd[name] = t(key).permute(3, 2, 0, 1) if key.endswith("/kernel") else t(key)  # (h, w, in, out) -> (out, in, h, w)
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def _stem_names(arrays, cfg: ViTConfig) -> dict[str, str]:
-    """vitlab name -> official name of every array of a hybrid's ResNet stem ({} for a plain ViT)."""
+def _stem_names(cfg: ViTConfig) -> dict[str, str]:
+    """vitlab name -> official name of every array a hybrid's ResNet stem can have ({} for a plain ViT): each
+    stage's first unit listed with its projection, which it has when it changes the width or the stride."""
     if cfg.resnet_num_layers is None:
         return {}
     out = {"patch_embed.backbone.conv_root.weight": "conv_root/kernel",
@@ -312,10 +314,7 @@ def _stem_names(arrays, cfg: ViTConfig) -> dict[str, str]:
     for i, units in enumerate(cfg.resnet_num_layers):
         for j in range(units):
             ours, theirs = f"patch_embed.backbone.stages.{i}.units.{j}.", f"block{i + 1}/unit{j + 1}/"
-            parts = ["conv1", "conv2", "conv3"]
-            if j == 0 and (arrays is None or theirs + "conv_proj/kernel" in arrays):
-                parts.append("conv_proj")
-            for conv in parts:
+            for conv in ["conv1", "conv2", "conv3"] + (["conv_proj"] if j == 0 else []):
                 gn = conv.replace("conv", "gn")
                 out[ours + conv + ".weight"] = theirs + conv + "/kernel"
                 out[ours + gn + ".weight"] = theirs + gn + "/scale"
@@ -365,7 +364,7 @@ def state_dict_to_npz(model: nn.Module) -> dict[str, np.ndarray]:
     if cfg.num_classes:
         out["head/kernel"] = sd["head.weight"].T
         out["head/bias"] = sd["head.bias"]
-    for name, key in _stem_names(None, cfg).items():
+    for name, key in _stem_names(cfg).items():
         if name in sd:
             out[key] = sd[name].transpose(2, 3, 1, 0) if key.endswith("/kernel") else sd[name]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
