@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from vitlab.model import variant_config, VisionTransformer
-from vitlab.weights import export_npz, load_model
+from vitlab.formats import export_npz
+from vitlab.weights import load_model
 
 CASES = [  # (variant, image size (H, W), representation_size)
     ("ViT-B/16", (224, 224), None),

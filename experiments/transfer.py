@@ -36,8 +36,10 @@ sys.path.insert(0, str(ROOT))
 from vitlab import data  # noqa: E402
 from vitlab.evaluate import fewshot  # noqa: E402
 from vitlab.model import VisionTransformer  # noqa: E402
-from vitlab.train import TrainConfig, fine_tune, train  # noqa: E402
-from vitlab.weights import atomic_write, atomic_write_text, load_model  # noqa: E402
+from vitlab.common import atomic_write, atomic_write_text  # noqa: E402
+from vitlab.config import TrainConfig, fine_tune  # noqa: E402
+from vitlab.train import train  # noqa: E402
+from vitlab.weights import load_model  # noqa: E402
 
 CIFAR = "../shared/data/cifar10-jpeg/train-000{0..4}.tar"  # relative to the repository root
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -192,7 +194,7 @@ def main() -> None:
     shots = {}
     for name, model in (("pre-trained", source), ("random init", random_model)):
         result = fewshot(model, splits.train, splits.eval, splits.num_classes, shots=FEWSHOT[mode]["shots"],
-                         seeds=range(FEWSHOT[mode]["seeds"]), batch_size=256, device=torch.device("cpu"))
+                         seeds=range(FEWSHOT[mode]["seeds"]), batch_size=256)
         shots[name] = {str(k): v for k, v in result["results"].items()}
     times["few-shot"] = time.perf_counter() - t
     wall = time.perf_counter() - started

@@ -1,16 +1,48 @@
-"""The `vitlab` command, run as a user runs it: its output, and one-line errors with a non-zero exit."""
+"""The `vitlab` command: its output, and one-line errors with a non-zero exit. In-process through `cli.main` (what
+the `vitlab` script calls), and once as a user runs it, in a subprocess."""
 
+from __future__ import annotations
+
+import contextlib
+import io
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
-
+import torch
 from official import official_arrays, write_npz
+
+from vitlab import cli
 from vitlab.weights import load_model
 
 
-def vitlab(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "vitlab", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def vitlab(*args) -> Result:
+    """`vitlab ARGS` in this process: its exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+@pytest.mark.slow
+def test_the_command_as_a_user_runs_it():
+    result = subprocess.run([sys.executable, "-m", "vitlab", "models", "--image-size", "32", "--patch", "4"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "ViT-Ti/4" in result.stdout, result.stderr
+    result = subprocess.run([sys.executable, "-m", "vitlab", "convert", "missing.npz", "out"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stderr.strip() == "vitlab convert: error: missing.npz: no such file"
 
 
 def assert_one_line_error(result, *fragments):
@@ -36,7 +68,8 @@ def test_models_lists_every_variant():
 def test_models_at_another_resolution():
     result = vitlab("models", "--image-size", "384", "--patch", "32")
     assert result.returncode == 0
-    assert "ViT-B/32" in result.stdout and "145" in result.stdout  # 12 x 12 + 1 tokens
+    row = next(line.split() for line in result.stdout.splitlines() if line.startswith("ViT-B/32"))
+    assert row[5] == "145"  # the tokens column: 12 x 12 patches + 1
 
 
 def test_convert_npz(tmp_path):
@@ -54,7 +87,11 @@ def test_convert_with_new_resolution_and_head_then_export(tmp_path):
     model = load_model(tmp_path / "out")
     assert model.cfg.image_size == (24, 32) and model.cfg.num_classes == 2
     result = vitlab("export", tmp_path / "out", tmp_path / "back.npz")
-    assert result.returncode == 0 and (tmp_path / "back.npz").exists()
+    assert result.returncode == 0, result.stderr
+    back = load_model(tmp_path / "back.npz")  # what was exported loads, as the same model
+    assert back.cfg.image_size == (24, 32) and back.cfg.num_classes == 2
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def _file(path, content: bytes):

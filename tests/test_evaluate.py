@@ -1,18 +1,41 @@
-"""Evaluation and prediction on a checkpoint trained here (tests/tiny.py's set and model)."""
+"""Evaluation: accuracy and prediction on a checkpoint trained here (tests/tiny.py's set and model), ImageNet-ReaL,
+and few-shot linear evaluation (the closed-form ridge against direct solutions, the shots drawn per seed, the frozen
+features, `vitlab fewshot`)."""
+
+from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from checkpoints import randomise
+from datasets import write_cls_shards
 from PIL import Image
+from tiny import TINY, blocks, fashion_dir, tiny_world, world  # noqa: F401 (fixtures)
 
-from tiny import TINY, blocks, tiny_world, write_fashion_mnist, fashion_dir, world  # noqa: F401 (fixtures)
-from vitlab import cli, data
-from vitlab.evaluate import Classification, evaluate, predict
-from vitlab.train import TrainConfig, train
-from vitlab.weights import load_model
+from vitlab import cli, common, data, runtime
+from vitlab.config import TrainConfig
+from vitlab.evaluate import (
+    FEWSHOT_L2_REG,
+    Classification,
+    evaluate,
+    features,
+    fewshot,
+    fewshot_lsr,
+    predict,
+    read_real_labels,
+    real_accuracy,
+    ridge_solve,
+    shot_indices,
+    shot_order,
+)
+from vitlab.images import TrainAug, eval_transform
+from vitlab.model import VisionTransformer, ViTConfig
+from vitlab.train import train
+from vitlab.weights import load_model, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +50,15 @@ def run(tmp_path_factory, fashion_dir):
 def test_evaluate_counts_top1_and_top5_hits(run):
     out, _ = run
     model = load_model(out)
-    splits = data.build("fashion-mnist", image_size=(16, 16), in_chans=1, train_transform=data.TrainAug())
+    splits = data.build("fashion-mnist", image_size=(16, 16), in_chans=1, train_transform=TrainAug())
     loader = data.make_loader(splits.eval, 50, shuffle=False, seed=0, epoch=0, even=False)
     result = evaluate(model, loader, torch.device("cpu"))
 
     # the same numbers, computed directly from the raw test images
     images, labels = blocks(128, seed=1)
-    x = data.eval_transform((16, 16), 1)(torch.from_numpy(images)[:, None])
+    x = eval_transform((16, 16), 1)(torch.from_numpy(images)[:, None])
     with torch.no_grad():
-        logits = model(data.normalize(x, model.cfg.mean, model.cfg.std))
+        logits = model(runtime.normalize(x, model.cfg.mean, model.cfg.std))
     labels = torch.from_numpy(labels)
     top5 = (logits.topk(5, dim=-1).indices == labels[:, None]).any(-1).float().mean().item()
     assert result["n"] == 128
@@ -45,13 +68,22 @@ def test_evaluate_counts_top1_and_top5_hits(run):
     assert not model.training  # evaluate leaves the mode as it found it (load_model gives eval mode)
 
 
-def test_the_evaluator_runs_a_split(run):
-    out, accuracy = run
-    splits = data.build("fashion-mnist", image_size=(16, 16), in_chans=1, train_transform=data.TrainAug())
-    evaluator = Classification(splits.eval, "test", batch_size=64, device=torch.device("cpu"), precision="fp32")
+def test_the_evaluator_equals_a_hand_computation_and_restores_training_mode(run):
+    out, _ = run
+    splits = data.build("fashion-mnist", image_size=(16, 16), in_chans=1, train_transform=TrainAug())
+    evaluator = Classification(splits.eval, "test", batch_size=48, device=torch.device("cpu"), precision="fp32")
     model = load_model(out).train()
-    assert evaluator.run(model)["top1"] == pytest.approx(accuracy)
+    result = evaluator.run(model)
     assert model.training
+    images = torch.stack([splits.eval[i][0] for i in range(len(splits.eval))])  # all 128, by hand
+    labels = torch.tensor([splits.eval[i][1] for i in range(len(splits.eval))])
+    with torch.no_grad():
+        logits = model.eval()(runtime.normalize(images, model.cfg.mean, model.cfg.std))
+    top5 = logits.topk(5, -1).indices
+    assert result["n"] == 128
+    assert result["top1"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item(), abs=1e-9)
+    assert result["top5"] == pytest.approx((top5 == labels[:, None]).any(-1).float().mean().item(), abs=1e-9)
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
 def test_eval_prints_top1_and_top5_and_writes_json(run, tmp_path, capsys):
@@ -94,9 +126,9 @@ def test_predict_prints_class_names_with_probabilities(run, tmp_path, capsys):
 
     # predict sees a PNG as evaluation sees the same pixels from the dataset
     ranked = predict(model, paths, top_k=10)
-    x = data.eval_transform((16, 16), 1)(torch.from_numpy(images)[:, None])
+    x = eval_transform((16, 16), 1)(torch.from_numpy(images)[:, None])
     with torch.no_grad():
-        probs = model(data.normalize(x, model.cfg.mean, model.cfg.std)).softmax(-1)
+        probs = model(runtime.normalize(x, model.cfg.mean, model.cfg.std)).softmax(-1)
     for row, expected in zip(ranked, probs):
         got = torch.tensor([p for _, p in sorted(row, key=lambda pair: names.index(pair[0]))])
         torch.testing.assert_close(got, expected)
@@ -115,3 +147,162 @@ def test_predict_on_a_bad_image_is_one_line_naming_it(run, tmp_path, capsys, mak
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("vitlab predict: error: ") and str(bad) in err
+
+
+def test_real_accuracy_on_a_hand_made_case():
+    predictions = [1, 2, 3, 0, 4]
+    real = [[1], [0, 2], [], [5], [4, 1]]  # hit, hit, left out, miss, hit
+    assert real_accuracy(predictions, real) == (pytest.approx(3 / 4), 4)
+    assert math.isnan(real_accuracy([0], [[]])[0])
+
+
+def test_eval_reports_real_accuracy_in_sorted_file_name_order(tmp_path, capsys):
+    root = tmp_path / "imagenet"
+    rng = np.random.default_rng(0)
+    files = {"train/a/t0.png": 0, "train/b/t1.png": 1,  # the val images: class folders, names out of order
+             "val/a/ILSVRC2012_val_00000003.png": 0, "val/a/ILSVRC2012_val_00000001.png": 0,
+             "val/b/ILSVRC2012_val_00000002.png": 1, "val/b/ILSVRC2012_val_00000004.png": 1}
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / name)
+    model = randomise(VisionTransformer(ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_layers=1,
+                                                  num_heads=2, mlp_dim=16, num_classes=2)), seed=10)
+    ckpt = save_checkpoint(model, tmp_path / "ck")
+    splits = data.build(f"folder:{root}", image_size=(8, 8), in_chans=3, train_transform=TrainAug())
+    images = torch.stack([image for image, _ in (splits.eval[i] for i in range(4))])
+    with torch.no_grad():  # dataset order: a/..01, a/..03, b/..02, b/..04
+        predicted = model(runtime.normalize(images, model.cfg.mean, model.cfg.std)).argmax(-1).tolist()
+    real_sorted = [[predicted[0]], [1 - predicted[2]], [predicted[1], 1 - predicted[1]], []]  # files 1, 2, 3, 4
+    (tmp_path / "real.json").write_text(json.dumps(real_sorted))
+    in_dataset_order = [real_sorted[0], real_sorted[2], real_sorted[1], []]
+    assert read_real_labels(tmp_path / "real.json", splits.eval, 2) == in_dataset_order
+    assert cli.main(["eval", str(ckpt), "--data", f"folder:{root}", "--real-labels", str(tmp_path / "real.json"),
+                     "--json", str(tmp_path / "eval.json")]) == 0
+    assert "ReaL top1: 0.6667 (3 images with ReaL labels)" in capsys.readouterr().out  # 1 hit, 1 miss, 1 hit
+    assert json.loads((tmp_path / "eval.json").read_text())["real_n"] == 3
+    (tmp_path / "short.json").write_text("[[0]]")
+    assert cli.main(["eval", str(ckpt), "--data", f"folder:{root}", "--real-labels", str(tmp_path / "short.json")]) == 2
+    assert "has 1 entries, the evaluation split 4 images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n,d", [(40, 7), (6, 30)])  # more images than dimensions, and fewer
+def test_ridge_equals_least_squares_of_the_augmented_system(n, d):
+    rng = np.random.default_rng(0)
+    x, y, l2 = rng.standard_normal((n, d)), rng.standard_normal((n, 3)), 2.5
+    # ‖xW - y‖² + l2‖W‖² is the plain least squares of [x; √l2 I] W = [y; 0]
+    direct = np.linalg.lstsq(np.vstack([x, np.sqrt(l2) * np.eye(d)]), np.vstack([y, np.zeros((d, 3))]), rcond=None)[0]
+    np.testing.assert_allclose(ridge_solve(x, y, l2), direct, rtol=1e-8, atol=1e-10)
+    normal = np.linalg.solve(x.T @ x + l2 * np.eye(d), x.T @ y)  # the d x d normal equations, whichever n
+    np.testing.assert_allclose(ridge_solve(x, y, l2), normal, rtol=1e-8, atol=1e-10)
+
+
+def test_fewshot_lsr_is_big_vision_s_whitened_ridge_with_a_bias_column():
+    rng = np.random.default_rng(1)
+    K, d = 4, 12
+    x_train, y_train = rng.standard_normal((K * 5, d)) * 3 + 1, np.repeat(np.arange(K), 5)
+    x_test = rng.standard_normal((30, d)) * 3 + 1
+    # big_vision's computation written out (evaluators/fewshot_lsr.py): eigendecomposition of the smaller Gram
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-5
+    X = np.pad((x_train - mean) / std, ((0, 0), (0, 1)), constant_values=100.0)
+    Y = 2.0 * np.eye(K)[y_train] - 1.0
+    eigs, q = np.linalg.eigh(X.T @ X)  # N = 20 >= D = 13: big_vision's case (A)
+    w = (q * (1.0 / (eigs + FEWSHOT_L2_REG))) @ (q.T @ (X.T @ Y))
+    T = np.pad((x_test - mean) / std, ((0, 0), (0, 1)), constant_values=100.0)
+    np.testing.assert_array_equal(fewshot_lsr(x_train, y_train, x_test, K), (T @ w).argmax(1))
+    # separable classes are told apart from one shot each at a small regulariser
+    centres = rng.standard_normal((K, d)) * 10
+    test = np.repeat(np.arange(K), 10)
+    assert (fewshot_lsr(centres, np.arange(K), centres[test] + rng.standard_normal((40, d)), K, 1e-3) == test).all()
+
+
+def test_shots_are_balanced_and_reproducible_per_seed():
+    labels = np.random.default_rng(2).integers(0, 5, 300)
+    order = shot_order(labels, 5, seed=3)
+    five = shot_indices(order, 5)
+    assert np.bincount(labels[five], minlength=5).tolist() == [5] * 5 and len(set(five.tolist())) == 25
+    assert np.array_equal(five, shot_indices(shot_order(labels, 5, seed=3), 5))  # the same seed, the same shots
+    assert not np.array_equal(five, shot_indices(shot_order(labels, 5, seed=4), 5))
+    one = shot_indices(order, 1)
+    assert set(one.tolist()) <= set(five.tolist())  # for one seed the 1-shot images are among the 5-shot ones
+    with pytest.raises(common.DataError, match="200-shot needs 200 training images of every class; class 0 has"):
+        shot_indices(order, 200)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, fashion_dir):
+    """tests/tiny.py's model with random weights and a pre-logits layer, saved."""
+    cfg = TrainConfig(**TINY).model_config(num_classes=10).replace(representation_size=24)
+    torch.manual_seed(0)
+    model = VisionTransformer(cfg)
+    torch.nn.init.normal_(model.head.weight)
+    return save_checkpoint(model, tmp_path_factory.mktemp("fewshot") / "ck"), model.eval()
+
+
+def test_features_are_the_pre_logits_representation(checkpoint):
+    _, model = checkpoint
+    splits = data.build("fashion-mnist", image_size=(16, 16), in_chans=1, train_transform=None)
+    x, y = features(model, splits.train, batch_size=50, indices=[7, 3, 100])
+    images = torch.stack([splits.train[i][0] for i in (7, 3, 100)])
+    with torch.no_grad():
+        expected = model.pre_logits(model.forward_features(runtime.normalize(images, model.cfg.mean, model.cfg.std))[:, 0])
+    assert x.shape == (3, 24) and y.tolist() == [splits.train[i][1] for i in (7, 3, 100)]
+    np.testing.assert_allclose(x, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fewshot_computes_only_the_drawn_training_features_and_scores_them_as_a_direct_solve(checkpoint):
+    _, model = checkpoint
+    splits = data.build("fashion-mnist", image_size=(16, 16), in_chans=1, train_transform=None)
+    result = fewshot(model, splits.train, splits.eval, 10, shots=[1, 2], seeds=[0, 1], batch_size=64)
+    assert result["featurised"] <= 2 * 10 * 2 and result["eval_images"] == 128 and result["feature_dim"] == 24
+    # each accuracy, recomputed from scratch: the drawn shots' features, a direct least-squares solve, the test set
+    labels = data.labels_of(splits.train)
+    x_test, y_test = features(model, splits.eval, batch_size=64)
+    for k, r in result["results"].items():
+        for seed, accuracy in zip([0, 1], r["accuracy"]):
+            idx = shot_indices(shot_order(labels, 10, seed), k)
+            x, _ = features(model, splits.train, batch_size=64, indices=idx.tolist())
+            mean, std = x.mean(0), x.std(0) + 1e-5
+            design = lambda f: np.c_[(f - mean) / std, np.full(len(f), 100.0)]  # noqa: E731
+            a, targets = design(x), 2 * np.eye(10)[labels[idx]] - 1
+            w = np.linalg.lstsq(np.r_[a, np.sqrt(FEWSHOT_L2_REG) * np.eye(a.shape[1])],
+                                np.r_[targets, np.zeros((a.shape[1], 10))], rcond=None)[0]
+            assert accuracy == pytest.approx(float(((design(x_test) @ w).argmax(1) == y_test).mean()))
+        assert r["mean"] == pytest.approx(np.mean(r["accuracy"]))
+        assert r["std"] == pytest.approx(np.std(r["accuracy"], ddof=1))
+
+
+def test_vitlab_fewshot_prints_a_table_and_writes_json(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    argv = ["fewshot", str(ckpt), "--data", "fashion-mnist", "--shots", "1,5,10", "--seeds", "3",
+            "--json", str(tmp_path / "fewshot.json")]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "24-dim pre-logits features" in lines[0] and "l2 reg 1024, 3 seeds" in lines[0]
+    assert lines[1].split() == ["shots", "accuracy", "std"]
+    assert [line.split()[0] for line in lines[2:]] == ["1", "5", "10"]
+    record = json.loads((tmp_path / "fewshot.json").read_text())
+    assert set(record["results"]) == {"1", "5", "10"} and record["l2_reg"] == 1024 and record["seeds"] == [0, 1, 2]
+    assert f"{record['results']['10']['mean']:.4f}" == lines[-1].split()[1]
+    assert all(0 <= r["mean"] <= 1 for r in record["results"].values())
+
+    assert cli.main(["fewshot", str(ckpt), "--data", "fashion-mnist", "--shots", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "1000-shot needs 1000 training images of every class" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("as_folder", [False, True], ids=["wds-shards", "folder-of-classes"])
+def test_eval_on_a_set_without_splits_evaluates_every_image(run, tmp_path, capsys, as_folder):
+    out, _ = run
+    shard = write_cls_shards(tmp_path / "shards")
+    spec = f"wds:{shard}"
+    if as_folder:  # the same images as class folders (names with a slash replaced), no train/val/test
+        spec = f"folder:{tmp_path / 'folder'}"
+        for i, (image, label) in enumerate(zip(*blocks(40, 5))):
+            d = tmp_path / "folder" / f"{label:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(d / f"{i:03d}.png")
+    assert cli.main(["eval", str(out), "--data", spec, "--json", str(tmp_path / "eval.json")]) == 0
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["n"] == 40 and record["split"] == "all" and 0 <= record["top1"] <= 1
+    assert capsys.readouterr().out.splitlines()[0] == "all: 40 images"
+

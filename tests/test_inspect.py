@@ -1,5 +1,7 @@
 """`vitlab inspect`: the mathematics on cases with known answers, the page, and the command end to end."""
 
+from __future__ import annotations
+
 import itertools
 import json
 import math
@@ -10,13 +12,13 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
+from official import official_arrays, write_npz
 from PIL import Image
 from scipy.spatial.distance import cdist
 
-from official import official_arrays, write_npz
-from vitlab import cli, data
+from vitlab import cli, runtime
 from vitlab import inspect as vi
-from vitlab.model import ViTConfig, VisionTransformer
+from vitlab.model import VisionTransformer, ViTConfig
 from vitlab.weights import save_checkpoint
 
 torch.set_num_threads(1)  # a busy 2-core machine: tiny tensors gain nothing from more
@@ -116,7 +118,7 @@ def test_layer_by_layer_matches_the_model(classifier):
     model = tiny_model(classifier=classifier, num_layers=3)
     images = torch.randint(0, 256, (5, 3, 12, 16), dtype=torch.uint8)
     stats = vi.attention_statistics(model, images, batch_size=2, keep=3)
-    x = data.normalize(images, model.cfg.mean, model.cfg.std)
+    x = runtime.normalize(images, model.cfg.mean, model.cfg.std)
     with torch.no_grad():
         logits, maps = model(x, return_attention=True)
     torch.testing.assert_close(stats["logits"], logits)
@@ -264,6 +266,7 @@ def write_pngs(directory, sizes, channels=3, seed=0) -> list[str]:
     return paths
 
 
+@pytest.mark.slow
 def test_inspect_a_checkpoint_with_image_files(tmp_path):
     """As a user runs it: a non-square model with non-square patches, images of other sizes and shapes."""
     ckpt = save_checkpoint(tiny_model(num_layers=3, num_heads=4), tmp_path / "ckpt")

@@ -1,24 +1,26 @@
 """The model: variants and their sizes, the official numerics, attention weights on request, config errors."""
 
+from __future__ import annotations
+
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 import vitlab
+from vitlab.common import ConfigError
 from vitlab.model import (
-    ConfigError,
-    ViTConfig,
     VisionTransformer,
+    ViTConfig,
     create_model,
     forward_flops,
     model_table,
     num_params,
+    posemb_sincos_2d,
     variant_config,
 )
-
-timm = pytest.importorskip("timm")
 
 
 def tiny(**kw) -> ViTConfig:
@@ -330,3 +332,58 @@ def test_bf16_on_cpu_takes_the_written_out_path_with_the_same_result(monkeypatch
         fused = model(x)
     assert len(calls) == 2
     assert (written_out - fused).abs().max() < 0.05 * fused.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stochastic depth and fixed position embeddings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_drop_path_rates_rise_linearly_with_depth():
+    model = VisionTransformer(tiny(num_layers=5, stochastic_depth=0.2))
+    rates = [getattr(block.drop_path, "rate", 0.0) for block in model.blocks]
+    assert rates == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+    assert isinstance(model.blocks[0].drop_path, torch.nn.Identity)  # rate 0: no module, no random draw
+
+
+def test_drop_path_is_the_identity_in_eval_and_drops_whole_branches_in_training():
+    model = VisionTransformer(tiny(num_layers=3, stochastic_depth=0.5))
+    x = torch.randn(4, 3, 16, 16)
+    plain = VisionTransformer(tiny(num_layers=3))
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(model.eval()(x), plain.eval()(x))  # eval: exactly the model without it
+
+    drop = model.blocks[2].drop_path  # rate 0.5
+    drop.train()
+    y = torch.ones(4000, 5, 7)
+    torch.manual_seed(0)
+    out = drop(y)
+    per_image = out.flatten(1)
+    assert ((per_image == 0).all(1) | (per_image == 2.0).all(1)).all()  # a whole branch kept (x 1/(1-p)) or dropped
+    assert (per_image[:, 0] == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
+
+    block = model.blocks[2].train()  # in a block: the residual stream goes on unchanged where a branch is dropped
+    tokens = torch.randn(2000, 3, 32)
+    torch.manual_seed(1)
+    out = block(tokens)[0]
+    untouched = (out == tokens).flatten(1).all(1)  # both branches dropped: probability 0.25
+    assert untouched.float().mean().item() == pytest.approx(0.25, abs=0.04)
+
+
+def test_sincos2d_position_embeddings_by_hand():
+    pe = posemb_sincos_2d((2, 3), 8, num_prefix_tokens=1)
+    assert pe.shape == (1, 7, 8) and not pe[0, 0].any()  # the [class] token's is zero
+    omega = [1.0, 1e-4]  # 1 / 10000^(k / (D/4 - 1)) for k = 0, 1
+    for row in range(2):
+        for col in range(3):
+            expected = ([math.sin(col * w) for w in omega] + [math.cos(col * w) for w in omega]
+                        + [math.sin(row * w) for w in omega] + [math.cos(row * w) for w in omega])
+            assert pe[0, 1 + row * 3 + col].tolist() == pytest.approx(expected, abs=1e-7)
+
+
+def test_sincos2d_model_has_fixed_embeddings_at_any_resolution():
+    model = VisionTransformer(tiny(posemb="sincos2d", classifier="gap"))
+    assert "pos_embed" not in dict(model.named_parameters()) and "pos_embed" in model.state_dict()
+    assert torch.equal(model.pos_embed, posemb_sincos_2d((4, 4), 32))
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        tiny(posemb="sincos2d", hidden_size=30, num_heads=3)

@@ -1,18 +1,27 @@
 """The ResNets: weight standardisation and GroupNorm against their formulas, TensorFlow's SAME padding, the
 hybrid's shapes and its official npz against timm's hybrid, BiT against timm's BiT, names, cost, training."""
 
+from __future__ import annotations
+
 import json
 import math
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
-from official import hybrid_arrays, write_npz
-from vitlab.model import ConfigError, create_model, forward_flops, model_config, num_params, variant_config
+from vitlab.common import ConfigError
+from vitlab.formats import export_npz
+from vitlab.model import (
+    create_model,
+    forward_flops,
+    model_config,
+    num_params,
+    variant_config,
+)
 from vitlab.resnet import (
-    HybridStem,
     ResNetConfig,
     ResNetV2,
     StdConv2d,
@@ -21,14 +30,8 @@ from vitlab.resnet import (
     same_padding,
     standardize_weight,
 )
-from vitlab.weights import CheckpointError, adapt, export_npz, load_model, read_config, save_checkpoint
-
-timm = pytest.importorskip("timm")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The parts against their formulas
-# --------------------------------------------------------------------------------------------------------------
+from vitlab.transfer import adapt
+from vitlab.weights import load_model, save_checkpoint
 
 
 def test_weight_standardisation_is_the_formula_per_output_channel():
@@ -127,91 +130,6 @@ def test_r50_vit_b16_size_equals_timm():
     cfg = variant_config("r50+vit-b/16", num_classes=1000)
     theirs = timm.create_model("vit_base_r50_s16_224", num_classes=1000)
     assert num_params(cfg) == sum(p.numel() for p in theirs.parameters()) == 98_659_112
-
-
-def timm_hybrid(path, *, layers, hidden, depth, heads, mlp, image, num_classes):
-    """timm's own hybrid ViT (ResNetV2 stem, HybridEmbed) loaded with timm's own npz loader: the oracle."""
-    from functools import partial
-
-    from timm.layers import HybridEmbed, StdConv2dSame
-    from timm.models.resnetv2 import ResNetV2, create_resnetv2_stem
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-    from timm.models.vision_transformer import _load_weights
-
-    conv = partial(StdConv2dSame, eps=1e-8)
-    if layers:
-        backbone = ResNetV2(layers=layers, num_classes=0, global_pool="", preact=False, stem_type="same",
-                            conv_layer=conv, width_factor=1)
-    else:
-        backbone = create_resnetv2_stem(3, stem_type="same", preact=False, conv_layer=conv)
-    model = TimmViT(img_size=image, patch_size=1, num_classes=num_classes, embed_dim=hidden, depth=depth,
-                    num_heads=heads, mlp_ratio=mlp / hidden,
-                    embed_layer=partial(HybridEmbed, backbone=backbone))
-    _load_weights(model, str(path))
-    return model.eval()
-
-
-def as_timm_numerics(model):
-    """The same model with timm's hybrid numerics: weights standardised as (w - m) / sqrt(var + 1e-8), GroupNorm
-    eps 1e-5 (the official code: (w - m) / (std + 1e-5) and eps 1e-6)."""
-    for m in model.modules():
-        if isinstance(m, StdConv2d):
-            m.eps, m.form = 1e-8, "var"
-        elif isinstance(m, torch.nn.GroupNorm):
-            m.eps = 1e-5
-    return model
-
-
-@pytest.mark.parametrize("layers", [(3, 4, 9), (2, 2, 2, 2), (1, 2), ()])
-def test_hybrid_npz_logits_equal_timm(tmp_path, layers):
-    """An official hybrid npz, written key by key: its stem's depths come from its arrays (any, not only
-    (3, 4, 9)), and the logits are timm's for the same file."""
-    width, stride = 64, 4 * 2 ** max(len(layers) - 1, 0)
-    image = 2 * stride if len(layers) > 2 else 4 * stride
-    grid = (image // stride,) * 2
-    arrays = hybrid_arrays(num_layers=layers, width=width, hidden=32, layers=2, heads=4, mlp=64, grid=grid,
-                           num_classes=7, scale=0.2)
-    path = write_npz(tmp_path / "R_hybrid.npz", arrays)
-    ours = load_model(path, gelu="exact")  # timm runs the exact GELU
-    assert ours.cfg.resnet_num_layers == layers and ours.cfg.resnet_width_factor == 1
-    assert ours.cfg.image_size == (image, image) and ours.cfg.patch_size == (1, 1)
-    theirs = timm_hybrid(path, layers=layers, hidden=32, depth=2, heads=4, mlp=64, image=image, num_classes=7)
-    x = torch.randn(3, 3, image, image)
-    with torch.no_grad():
-        expected = theirs(x)
-        official = ours(x)
-        same_numerics = as_timm_numerics(ours)(x)
-    assert expected.std() > 0.1
-    # with timm's epsilons the two are the same computation
-    assert (same_numerics - expected).abs().max() < 1e-4
-    # with the official ones (ours by default) they differ by what the epsilons make, and no more
-    assert (official - expected).abs().max() < 2e-3 * expected.abs().max()
-
-
-def test_hybrid_npz_round_trip_and_config(tmp_path):
-    arrays = hybrid_arrays(num_layers=(1, 2), width=32, hidden=32, layers=1, heads=2, mlp=32, grid=(2, 2),
-                           num_classes=3)
-    path = write_npz(tmp_path / "h.npz", arrays)
-    model = load_model(path)
-    assert model.cfg.resnet_width_factor == 0.5 and model.cfg.image_size == (16, 16)
-    export_npz(model, tmp_path / "again.npz")
-    again = np.load(tmp_path / "again.npz")
-    assert sorted(again.files) == sorted(arrays)
-    for k in arrays:
-        np.testing.assert_array_equal(again[k], arrays[k], err_msg=k)
-    save_checkpoint(model, tmp_path / "ckpt")
-    assert read_config(tmp_path / "ckpt") == model.cfg
-    # a new resolution: the position embeddings interpolated over the stem's grid
-    bigger = adapt(model, image_size=32)
-    assert bigger.pos_embed.shape == (1, 4 * 4 + 1, 32) and bigger(torch.randn(1, 3, 32, 32)).shape == (1, 3)
-
-
-def test_hybrid_npz_with_missing_units_is_refused(tmp_path):
-    arrays = hybrid_arrays(num_layers=(2,), width=32, hidden=32, layers=1, heads=2, mlp=32, grid=(2, 2))
-    for k in [k for k in arrays if k.startswith("block1/unit1/")]:
-        del arrays[k]
-    with pytest.raises(CheckpointError, match="not numbered"):
-        load_model(write_npz(tmp_path / "h.npz", arrays))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Training: tiny real runs (tests/tiny.py's set and model) killed, resumed, split across processes.
 
-Every run uses one thread, here and in subprocesses, so that float results compare bit for bit across processes.
-"""
+Every run uses one thread, here and in subprocesses, so that float results compare bit for bit across processes."""
+
+from __future__ import annotations
 
 import json
-import os
+import math
 import signal
 import subprocess
 import sys
@@ -12,82 +13,39 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from checkpoints import tiny_source
+from datasets import write_cls_shards
+from tiny import (  # noqa: F401 (fixtures)
+    CNN,
+    RANDOM,
+    TINY,
+    _one_line_error,
+    assert_same_weights,
+    fashion_dir,
+    flags,
+    reference_run,
+    rows,
+    subprocess_env,
+    vitlab_train,
+    weights,
+    world,
+)
 
-from tiny import TINY, flags, tiny_world, write_fashion_mnist, fashion_dir, world  # noqa: F401 (fixtures)
 from vitlab import cli
-from vitlab import train as train_module
-from vitlab.train import PRESETS, TrainConfig, learning_rate, make_config, make_optimizer, train
+from vitlab import model as model_module
+from vitlab.common import ConfigError
+from vitlab.config import TrainConfig, fine_tune, make_config
+from vitlab.images import in_train_subset
+from vitlab.train import (
+    EMA,
+    ClassificationObjective,
+    Process,
+    learning_rate,
+    make_optimizer,
+    train,
+    train_step,
+)
 from vitlab.weights import load_model
-
-# For bit-exact resumes: everything random on (dropout, mixup, pad-crop and flips), saved every 8 steps.
-RANDOM = dict(TINY, epochs=3, dropout=0.1, mixup=0.2, crop="pad", flip=True, deterministic=True, save_every=8)
-
-
-def subprocess_env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def vitlab_train(*args, **env):
-    return subprocess.run([sys.executable, "-m", "vitlab", "train", *map(str, args)], capture_output=True, text=True,
-                          env=subprocess_env(**env), timeout=120)
-
-
-def weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "model.safetensors"))
-
-
-def assert_same_weights(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for k in a:
-        if atol:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
-        else:
-            assert torch.equal(a[k], b[k]), k
-
-
-def rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, fashion_dir):
-    """An uninterrupted RANDOM run: what every killed-and-resumed run must end with, bit for bit."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    with tiny_world(fashion_dir):
-        train(TrainConfig(**RANDOM, out=str(out)))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The configuration
-# --------------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_builds_and_says_how_to_run_it(name):
-    cfg = PRESETS[name]()
-    assert isinstance(cfg, TrainConfig)
-    cfg.model_config(num_classes=10)
-    doc = PRESETS[name].__doc__
-    for part in ("Command:", "Expected:", "Time:", "Hardware:"):
-        assert part in doc
-
-
-def test_flags_are_parsed_against_the_field_types():
-    cfg = make_config(("command line", dict(
-        data="fashion-mnist", model="vit-ti/4", image_size="16x24", randaugment="2,9", grad_clip="none",
-        flip="false", mean="0.25", std="0.5", lr="1e-3", batch_size="64", optimizer="sgd", steps="7",
-    )))
-    assert cfg.image_size == (16, 24) and cfg.randaugment == (2, 9) and cfg.grad_clip is None
-    assert cfg.flip is False and cfg.mean == (0.25,) and cfg.lr == 1e-3 and cfg.batch_size == 64
-    assert cfg.in_chans == 1  # Fashion-MNIST is grey
-    assert cfg.weight_decay == 0.0  # the paper fine-tunes with SGD and no weight decay; AdamW's default is 0.1
-    assert cfg.steps == 7 and cfg.epochs is None
-    assert make_config(("a", dict(TINY)), ("b", dict(steps=5))).epochs is None  # a later layer's length wins
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_zero():
@@ -102,7 +60,7 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero():
 
 def test_no_weight_decay_on_biases_norms_position_embeddings_and_class_token():
     cfg = TrainConfig(**TINY)
-    model = train_module.build_model(cfg.model_config(num_classes=10))
+    model = model_module.build_model(cfg.model_config(num_classes=10))
     decay, no_decay = make_optimizer(model, cfg, torch.device("cpu")).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -111,33 +69,6 @@ def test_no_weight_decay_on_biases_norms_position_embeddings_and_class_token():
     assert not_decayed >= {"pos_embed", "cls_token", "norm.weight", "blocks.0.norm1.bias", "blocks.0.attn.qkv.bias"}
     assert decayed >= {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "head.weight"}
     assert not decayed & not_decayed and len(decayed | not_decayed) == len(names)
-
-
-def _one_line_error(capsys, argv, *fragments):
-    code = cli.main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
-@pytest.mark.parametrize("yaml_text,extra,fragments", [
-    ("weight_decy: 0.1\n", [], ["unknown field 'weight_decy'", "did you mean 'weight_decay'"]),
-    ("epochs: many\n", [], ["epochs must be an int", "'many'"]),
-    ("", ["--batch-size", "abc"], ["batch_size must be an int", "'abc'"]),
-    ("", ["--image-size", "30"], ["patch_size (4, 4) does not divide image_size (30, 30)"]),
-    ("", ["--schedule", "exp"], ["schedule must be linear or cosine"]),
-    ("", ["--label-smoothing", "1.5"], ["label_smoothing must be in [0, 1)"]),
-    ("", ["--steps", "5", "--epochs", "2"], ["set epochs (2) or steps (5), not both"]),
-])
-def test_config_errors_are_one_line_before_any_work(tmp_path, capsys, yaml_text, extra, fragments):
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml_text)
-    out = tmp_path / "run"
-    argv = ["train", "--config", str(config), *flags({k: v for k, v in TINY.items()}), "--out", str(out), *extra]
-    _one_line_error(capsys, argv, *fragments)
-    assert not out.exists()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -164,7 +95,7 @@ def test_a_short_run_learns_and_leaves_its_records(tmp_path, capsys):
     train_rows = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train_rows] == list(range(1, 65))  # 512 images / 32 = 16 steps an epoch
     assert set(train_rows[0]) >= {"step", "epoch", "loss", "acc", "lr", "img_s", "train_flops"}
-    assert train_rows[-1]["train_flops"] == 3 * train_module.forward_flops(load_model(out).cfg) * 32 * 64
+    assert train_rows[-1]["train_flops"] == 3 * model_module.forward_flops(load_model(out).cfg) * 32 * 64
     evals = [r for r in records if r["split"] == "test"]
     assert [r["step"] for r in evals] == [16, 32, 48, 64]  # each epoch
     assert evals[-1]["top1"] == pytest.approx(accuracy, abs=1e-4) and evals[-1]["n"] == 128
@@ -179,51 +110,15 @@ def test_a_short_run_learns_and_leaves_its_records(tmp_path, capsys):
     _one_line_error(capsys, ["train", *flags(TINY), "--out", str(out)], "already holds a run", "--resume")
 
 
-def test_resume_after_sigkill_ends_bit_for_bit_where_an_uninterrupted_run_does(tmp_path, reference):
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_bit_for_bit_where_an_uninterrupted_run_does(tmp_path, reference_run):
     out = tmp_path / "run"
     killed = vitlab_train(*flags(RANDOM), "--out", out, VITLAB_FAULT="step@21")  # killed mid-epoch 2
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 16  # the last save before the kill
     train(TrainConfig(**RANDOM, out=str(out)), resume=True)
-    assert_same_weights(weights(out), weights(reference))
-    assert [(r["step"], r["loss"]) for r in rows(out)] == [(r["step"], r["loss"]) for r in rows(reference)]
-
-
-@pytest.mark.parametrize("point", ["staged", "committed", "moved-model.safetensors"])
-def test_a_kill_during_a_save_leaves_a_loadable_and_resumable_checkpoint(tmp_path, reference, point):
-    # The save of step 16 is killed: before its commit (the previous checkpoint, step 8, stands), after it, and
-    # halfway through moving the files in (DIR holds step 16's weights beside step 8's training state).
-    out = tmp_path / "run"
-    killed = vitlab_train(*flags(RANDOM), "--out", out, VITLAB_FAULT=f"{point}@16")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    load_model(out)  # loadable as it is
-    train(TrainConfig(**RANDOM, out=str(out)), resume=True)
-    assert_same_weights(weights(out), weights(reference))
-    assert not (out / ".next").exists() and not (out / ".next.tmp").exists()
-
-
-def test_an_error_while_saving_keeps_the_previous_checkpoint(tmp_path, reference, monkeypatch):
-    out = tmp_path / "run"
-    real_save = torch.save
-    saves = []
-
-    def failing_save(obj, path):  # the second save writes half a file, then the disk is full
-        saves.append(obj["step"])
-        if len(saves) == 2:
-            with open(path, "wb") as f:
-                f.write(b"half a state")
-            raise OSError(28, "No space left on device")
-        real_save(obj, path)
-
-    monkeypatch.setattr(train_module.torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
-        train(TrainConfig(**RANDOM, out=str(out)))
-    monkeypatch.setattr(train_module.torch, "save", real_save)
-    assert saves == [8, 16]
-    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 8
-    load_model(out)
-    train(TrainConfig(**RANDOM, out=str(out)), resume=True)
-    assert_same_weights(weights(out), weights(reference))
+    assert_same_weights(weights(out), weights(reference_run))
+    assert [(r["step"], r["loss"]) for r in rows(out)] == [(r["step"], r["loss"]) for r in rows(reference_run)]
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
@@ -240,7 +135,9 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(t
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
-def test_sigterm_finishes_the_step_saves_and_exits(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_the_step_saves_and_exits(tmp_path, signum):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "vitlab", "train", *flags(TINY), "--epochs", "1000", "--out", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
@@ -249,16 +146,19 @@ def test_sigterm_finishes_the_step_saves_and_exits(tmp_path):
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
             assert time.monotonic() < deadline and proc.poll() is None, "the run did not start"
             time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert "stopped by SIGTERM after step" in stderr and f"vitlab train --resume {out}" in stderr
+    assert proc.returncode == 128 + signum  # 143 for SIGTERM, 130 for SIGINT
+    assert f"stopped by {signal.Signals(signum).name} after step" in stderr
+    assert f"vitlab train --resume {out}" in stderr and "Traceback" not in stderr
     step = torch.load(out / "train_state.pt", weights_only=True)["step"]
     assert rows(out)[-1]["step"] == step > 0
-    assert train(make_config(("saved", json.loads((out / "train_config.json").read_text())),
-                             ("resume", dict(epochs=None, steps=step + 2))), resume=True)
+    result = train(make_config(("saved", json.loads((out / "train_config.json").read_text())),
+                               ("resume", dict(epochs=None, steps=step + 2))), resume=True)
+    assert [r["step"] for r in rows(out) if r["split"] == "train"][-1] == step + 2
+    assert result["n"] == 128 and 0 <= result["top1"] <= 1
 
 
 # Equivalences of batching. SGD rather than Adam: Adam's update does not depend on the gradient's scale, so it
@@ -272,6 +172,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     assert_same_weights(weights(tmp_path / "accumulated"), weights(tmp_path / "large"), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
@@ -290,14 +191,13 @@ def test_torchrun_two_processes_equal_one_with_the_same_global_batch(tmp_path):
 # The paper's other models, data subsets, evaluation frequency
 # --------------------------------------------------------------------------------------------------------------
 
-CNN = {k: v for k, v in TINY.items() if k not in ("model", "hidden_size", "num_layers", "num_heads", "mlp_dim")}
-
 
 @pytest.mark.parametrize("model,extra", [
     ("bit-r26x0.25", dict(image_size=32)),
     ("r26+vit-ti/8", dict(image_size=32, resnet_num_layers="1,1", resnet_width_factor=0.25, hidden_size=32,
                           num_layers=2, num_heads=2, mlp_dim=64)),
 ])
+@pytest.mark.slow
 def test_bit_and_hybrid_train_evaluate_and_resume(tmp_path, capsys, model, extra):
     out = tmp_path / "run"
     fields = dict(CNN, model=model, epochs=3, **extra)
@@ -307,19 +207,12 @@ def test_bit_and_hybrid_train_evaluate_and_resume(tmp_path, capsys, model, extra
     loaded = load_model(out)
     assert loaded.cfg.name == {"bit-r26x0.25": "BiT-R26x0.25", "r26+vit-ti/8": "R26+ViT-Ti/8"}[model]
     train_rows = [r for r in rows(out) if r["split"] == "train"]
-    assert train_rows[-1]["train_flops"] == 3 * train_module.forward_flops(loaded.cfg) * 32 * 48
+    assert train_rows[-1]["train_flops"] == 3 * model_module.forward_flops(loaded.cfg) * 32 * 48
     assert cli.main(["eval", str(out), "--data", "fashion-mnist"]) == 0
     assert f"{accuracy:.4f}" in capsys.readouterr().out
     # one more epoch from the checkpoint
     assert cli.main(["train", "--resume", str(out), "--epochs", "4"]) == 0
     assert [r["step"] for r in rows(out) if r["split"] == "train"][-1] == 64
-
-
-def test_resnet_flags_only_for_resnets(capsys):
-    _one_line_error(capsys, ["train", *flags(TINY), "--resnet-num-layers", "1"], "resnet_num_layers",
-                    "apply to hybrids and BiT ResNets")
-    _one_line_error(capsys, ["train", *flags(dict(CNN, model="bit-r26x1", hidden_size=64))], "hidden_size",
-                    "does not apply to the BiT ResNet")
 
 
 def test_train_images_keeps_a_nested_subset_and_eval_every(tmp_path):
@@ -329,8 +222,8 @@ def test_train_images_keeps_a_nested_subset_and_eval_every(tmp_path):
     large = data.subset_indices(list(range(1000)), 300)
     assert len(small) == 100 and len(large) == 300 and set(small) <= set(large)
     keys = [f"k{i:05d}" for i in range(1000)]
-    assert data.in_train_subset(keys, 100) <= data.in_train_subset(keys, 300)
-    assert len(data.in_train_subset(keys, 300)) == 300
+    assert in_train_subset(keys, 100) <= in_train_subset(keys, 300)
+    assert len(in_train_subset(keys, 300)) == 300
 
     out = tmp_path / "run"
     train(TrainConfig(**dict(TINY, steps=12, train_images=96, eval_every=5, val_split=0.25), out=str(out)))
@@ -339,3 +232,128 @@ def test_train_images_keeps_a_nested_subset_and_eval_every(tmp_path):
     assert [r["epoch"] for r in records if r["split"] == "train"][-1] == 4.0  # 96 images = 3 steps an epoch
     with pytest.raises(Exception, match="more than the 384 training images"):
         train(TrainConfig(**dict(TINY, steps=1, train_images=385, val_split=0.25), out=str(tmp_path / "big")))
+
+
+def test_gradient_accumulation_equals_the_large_batch_when_fine_tuning(tmp_path):
+    source = tiny_source(tmp_path)
+    common = dict(init=str(source), data="fashion-mnist", batch_size=32, steps=3, lr=0.1, num_workers=0, crop="none",
+                  flip=False)
+    train(fine_tune(**common, accum_steps=1, out=str(tmp_path / "large")))
+    train(fine_tune(**common, accum_steps=4, out=str(tmp_path / "accumulated")))
+    assert_same_weights(weights(tmp_path / "accumulated"), weights(tmp_path / "large"), atol=1e-6)
+
+
+def test_the_mask_embedding_is_not_decayed():
+    cfg = TrainConfig(**dict(TINY, objective="mpp"))
+    model = model_module.build_model(cfg.model_config(num_classes=10))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in make_optimizer(model, cfg, torch.device("cpu")).param_groups
+               if g["weight_decay"] > 0 for p in g["params"]}
+    assert "mask_token" in names.values() and "mask_token" not in decayed and "mpp_head.weight" in decayed
+
+
+def test_layer_decay_gives_each_layer_the_rate_of_the_formula():
+    cfg = TrainConfig(**dict(TINY, layer_decay=0.5))  # 2 layers: embeddings 0.5^3, block 0 0.5^2, block 1 0.5, head 1
+    model = model_module.build_model(cfg.model_config(num_classes=10))
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    scale = {name: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]
+             for name, q in model.named_parameters() if q is p}
+    expected = {"patch_embed.proj.weight": 0.125, "cls_token": 0.125, "pos_embed": 0.125,
+                "blocks.0.attn.qkv.weight": 0.25, "blocks.0.norm1.bias": 0.25, "blocks.1.mlp.fc2.weight": 0.5,
+                "norm.weight": 1.0, "head.weight": 1.0, "head.bias": 1.0}
+    assert {k: scale[k] for k in expected} == expected and len(scale) == len(list(model.parameters()))
+    decayed = {g["weight_decay"] > 0 for g in optimizer.param_groups if g["lr_scale"] == 0.25}
+    assert decayed == {True, False}  # weight decay is still per kind of parameter
+    images, labels = torch.randint(0, 256, (32, 1, 16, 16), dtype=torch.uint8), torch.randint(0, 10, (32,))
+    objective = ClassificationObjective(model.cfg, torch.device("cpu"), "fp32")
+    train_step(model, model, optimizer, objective, images, labels, 0.01, 0, cfg, Process(0, 1, torch.device("cpu")))
+    assert all(g["lr"] == pytest.approx(0.01 * g["lr_scale"]) for g in optimizer.param_groups)
+    with pytest.raises(ConfigError, match="layer_decay applies to ViTs"):
+        bit = model_module.build_model(model_module.model_config("bit-r26x0.25", image_size=32, num_classes=10))
+        make_optimizer(bit, cfg, torch.device("cpu"))
+
+
+def test_ema_equals_the_closed_form_after_k_steps():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    history = [torch.cat([p.detach().flatten() for p in model.parameters()]).double()]
+    for _ in range(100):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        history.append(torch.cat([p.detach().flatten() for p in model.parameters()]).double())
+    # ema_k = (prod_t d_t) w_0 + sum_t (1 - d_t) (prod_{s > t} d_s) w_t, d_t = min(0.9, (1 + t) / (10 + t))
+    k = len(history) - 1
+    d = [None] + [min(0.9, (1 + t) / (10 + t)) for t in range(1, k + 1)]
+    expected = math.prod(d[1:]) * history[0]
+    for t in range(1, k + 1):
+        expected += (1 - d[t]) * math.prod(d[t + 1:]) * history[t]
+    got = torch.cat([p.flatten() for p in ema.module.parameters()]).double()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert ema.updates == 100 and d[100] == 0.9 and d[1] == pytest.approx(2 / 11)  # warmed up by step 80
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+# The options of the recipes, all random where they can be: a resumed run must still end bit for bit.
+RECIPE = dict(TINY, epochs=3, drop_path=0.2, ema_decay=0.9, posemb="sincos2d", classifier="gap", crop="pad",
+              flip=True, trivialaugment=True, label_smoothing=0.1, deterministic=True, save_every=8)
+
+
+@pytest.mark.slow
+def test_drop_path_ema_and_sincos_resume_bit_for_bit_after_sigkill(tmp_path):
+    reference = tmp_path / "reference"
+    train(TrainConfig(**RECIPE, out=str(reference)))
+    state = torch.load(reference / "train_state.pt", weights_only=True)
+    assert state["ema_updates"] == 48 and set(state["model"]) == set(weights(reference))
+    trained = load_model(reference)
+    assert not any(torch.equal(state["model"][k], v) for k, v in trained.state_dict().items() if k != "pos_embed")
+    assert trained.cfg.posemb == "sincos2d" and trained.cfg.stochastic_depth == 0.2
+    evals = [r for r in rows(reference) if r["split"] == "test"]
+    saved_eval = cli_eval_top1(reference)
+    assert evals[-1]["top1"] == pytest.approx(saved_eval, abs=1e-4)  # what was evaluated is the model saved: the EMA
+
+    out = tmp_path / "run"
+    killed = vitlab_train(*flags(RECIPE), "--out", out, VITLAB_FAULT="step@21")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    train(TrainConfig(**RECIPE, out=str(out)), resume=True)
+    assert_same_weights(weights(out), weights(reference))
+    assert_same_weights(torch.load(out / "train_state.pt", weights_only=True)["model"], state["model"])
+    with pytest.raises(Exception, match="ema_decay cannot be added or removed"):
+        train(TrainConfig(**dict(RECIPE, ema_decay=None, epochs=4), out=str(out)), resume=True)
+
+
+def cli_eval_top1(run_dir) -> float:
+    result = subprocess.run([sys.executable, "-m", "vitlab", "eval", str(run_dir), "--data", "fashion-mnist"],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    return float(next(line for line in result.stdout.splitlines() if line.startswith("top1:")).split()[1])
+
+
+@pytest.mark.parametrize("fields", [
+    dict(precision="bf16", label_smoothing=0.1, classifier="gap", beta2=0.99, schedule="cosine"),  # the demo's
+    dict(cutmix=1.0, mixup=0.8, label_smoothing=0.1),
+    dict(autoaugment="cifar10", crop="pad", flip=True),
+], ids=["demo-bf16-smoothing", "cutmix-mixup", "autoaugment"])
+def test_the_recipes_options_run_through_the_loop(tmp_path, fields):
+    result = train(TrainConfig(**dict(TINY, steps=6, **fields), out=str(tmp_path / "run")))
+    assert result["n"] == 128 and 0 <= result["top1"] <= 1
+    losses = [r["loss"] for r in rows(tmp_path / "run") if r["split"] == "train"]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_equals_an_eager_one(tmp_path):
+    fields = dict(TINY, steps=3, precision="fp32")
+    train(TrainConfig(**fields, out=str(tmp_path / "eager")))
+    train(TrainConfig(**fields, compile=True, out=str(tmp_path / "compiled")))
+    # the same computation, fused differently: float rounding, which Adam's normalised steps lift to ~1e-5
+    assert_same_weights(weights(tmp_path / "compiled"), weights(tmp_path / "eager"), atol=1e-4)
+
+
+def test_eval_data_evaluates_on_another_set(tmp_path):
+    shards = write_cls_shards(tmp_path / "shards")
+    result = train(TrainConfig(**dict(TINY, steps=4, eval_data=f"wds:{shards}"), out=str(tmp_path / "run")))
+    assert result["n"] == 40  # every image of the shards
+    assert [r["split"] for r in rows(tmp_path / "run") if r["split"] != "train"] == ["eval"]

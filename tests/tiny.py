@@ -1,19 +1,29 @@
-"""A tiny Fashion-MNIST-shaped set and a tiny ViT for training and evaluation tests (tests/test_train.py,
-tests/test_evaluate.py).
+"""A tiny Fashion-MNIST-shaped set and a tiny ViT for the tests that train (test_train, test_rundir, test_evaluate,
+...), and the helpers of those runs: flags, subprocesses, an uninterrupted reference run, weight comparisons.
 
 Ten classes of 28x28 grey images, class k a bright 7x7 block at position k of a 4x4 grid over noise, written as the
 four idx .gz files that VITLAB_FASHION_MNIST_DIR points `--data fashion-mnist` at: 512 training and 128 test
-images. The model is 2 layers of width 32 on 16x16 inputs (patches of 4).
-"""
+images. The model is 2 layers of width 32 on 16x16 inputs (patches of 4)."""
+
+from __future__ import annotations
 
 import contextlib
 import gzip
+import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from vitlab import cli
+from vitlab.config import TrainConfig
+from vitlab.train import train
 
 TINY = dict(
     data="fashion-mnist", model="vit-ti/4", hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, image_size=16,
@@ -88,3 +98,57 @@ def world(fashion_dir):
     """Every test of the module runs with `--data fashion-mnist` pointing at the tiny set."""
     with tiny_world(fashion_dir):
         yield
+
+
+# For bit-exact resumes: everything random on (dropout, mixup, pad-crop and flips), saved every 8 steps.
+RANDOM = dict(TINY, epochs=3, dropout=0.1, mixup=0.2, crop="pad", flip=True, deterministic=True, save_every=8)
+
+
+def subprocess_env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def vitlab_train(*args, **env):
+    return subprocess.run([sys.executable, "-m", "vitlab", "train", *map(str, args)], capture_output=True, text=True,
+                          env=subprocess_env(**env), timeout=120)
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, fashion_dir):
+    """An uninterrupted RANDOM run: what every killed-and-resumed run must end with, bit for bit."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    with tiny_world(fashion_dir):
+        train(TrainConfig(**RANDOM, out=str(out)))
+    return out
+
+
+def _one_line_error(capsys, argv, *fragments):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+CNN = {k: v for k, v in TINY.items() if k not in ("model", "hidden_size", "num_layers", "num_heads", "mlp_dim")}

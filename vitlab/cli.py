@@ -1,23 +1,21 @@
-"""The `vitlab` command: parses arguments, calls the library, prints. User errors are one line and exit 2."""
+"""The `vitlab` command: every subcommand's parser, the `cmd_*` that run them, and what they print.
+
+Library modules are imported inside each `cmd_*`, so that building the parser (and `vitlab --help`) imports neither
+torch, torchvision nor matplotlib. User errors (vitlab.common.USER_ERRORS) are printed as one line and exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
+import json
 import sys
+from pathlib import Path
+from typing import get_type_hints
 
-from .model import ConfigError
-
-
-class UserError(Exception):
-    """Any error the user can fix; printed as one line, no traceback."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data import DataError
-    from .weights import CheckpointError
-
-    return (ConfigError, CheckpointError, DataError, UserError)
+from .common import USER_ERRORS, ConfigError, UserError, literal_choices
+from .config import FINE_TUNE, PRESETS, TrainConfig
+from .specs import spec_help
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -33,13 +31,24 @@ def _size(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"image size must be N or HxW, got {text!r}")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 # --------------------------------------------------------------------------------------------------------------
-# Commands
+# Models and checkpoints: models, convert, export
 # --------------------------------------------------------------------------------------------------------------
 
 
 def cmd_models(args) -> None:
-    from .model import model_table
+    from .model import forward_flops, model_config, model_table, num_params
+    from .resnet import ResNetConfig
 
     rows = model_table(args.image_size, args.num_classes, args.patch)
     h, w = args.image_size
@@ -50,9 +59,6 @@ def cmd_models(args) -> None:
             f"{r['name']:<10} {r['hidden_size']:>6} {r['num_layers']:>6} {r['num_heads']:>6} {r['mlp_dim']:>6} "
             f"{r['tokens']:>7} {r['params']:>14,} {r['gflops']:>9.2f}"
         )
-    from .model import forward_flops, model_config, num_params
-    from .resnet import ResNetConfig
-
     print(f"\nThe paper's baselines and hybrids at {h}x{w} (`--model NAME`; a hybrid's number is its effective patch)")
     print(f"{'name':<14} {'ResNet stages':<16} {'tokens':>7} {'params':>14} {'GFLOPs':>9}")
     for name in ("bit-r26x1", "bit-r50x1", "r+vit-ti/16", "r26+vit-s/32", "r50+vit-b/16", "r50+vit-l/32"):
@@ -68,7 +74,8 @@ def cmd_models(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from .weights import head_is_zero, load_model, save_checkpoint
+    from .transfer import head_is_zero
+    from .weights import load_model, save_checkpoint
 
     model = load_model(args.src, image_size=args.image_size, num_classes=args.num_classes, gelu=args.gelu,
                        pos_embed_interp=args.pos_embed_interp, source_grid=args.source_grid, num_heads=args.num_heads)
@@ -94,14 +101,227 @@ def cmd_convert(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .weights import export_npz, load_model
+    from .formats import export_npz
+    from .weights import load_model
 
     path = export_npz(load_model(args.ckpt), args.out)
     print(f"wrote {path} (official vit_jax layout)")
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Parser
+# Training: train, finetune
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cmd_train(args, defaults: tuple[str, dict] | None = None) -> None:
+    import os
+
+    from .config import make_config, read_config_file
+    from .rundir import TRAIN_CONFIG_FILE
+    from .train import TrainingStopped, train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if args.resume:
+        if args.config or getattr(args, "preset", None):
+            raise ConfigError("--resume reads the run's own config: pass changes as flags, not --config or --preset")
+        if overrides.get("out") not in (None, str(args.resume)):
+            raise ConfigError(f"--out {overrides['out']} differs from --resume {args.resume}")
+        saved = args.resume / TRAIN_CONFIG_FILE
+        if not saved.is_file():
+            raise UserError(f"{args.resume}: no {TRAIN_CONFIG_FILE}: not a training run to resume")
+        layers = [(str(saved), read_config_file(saved)), ("command line", dict(overrides, out=str(args.resume)))]
+    else:
+        layers = [defaults] if defaults else []
+        if getattr(args, "preset", None):
+            if args.preset not in PRESETS:
+                raise ConfigError(f"unknown preset {args.preset!r}: choose from {', '.join(PRESETS)}")
+            preset = PRESETS[args.preset]()
+            changed = {f.name: getattr(preset, f.name) for f in dataclasses.fields(TrainConfig)
+                       if getattr(preset, f.name) != f.default}  # so that flags still resolve the defaults
+            layers.append((f"preset {args.preset}", changed))
+        if args.config:
+            layers.append((str(args.config), read_config_file(args.config)))
+        layers.append(("command line", overrides))
+    cfg = make_config(*layers)
+    try:
+        train(cfg, resume=bool(args.resume))
+    except TrainingStopped as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"vitlab {args.command}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def cmd_finetune(args) -> None:
+    """`vitlab train` from pretrained weights, starting from the fine-tuning defaults (`FINE_TUNE`)."""
+    if not args.resume and not getattr(args, "init", None):
+        raise ConfigError("--init is required: the pretrained weights to fine-tune")
+    cmd_train(args, defaults=("fine-tuning defaults", FINE_TUNE))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation: eval, fewshot, predict, inspect
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cmd_eval(args) -> None:
+    from . import data
+    from .common import atomic_write_text
+    from .evaluate import Classification, read_real_labels
+    from .runtime import Predictor, default_device
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = default_device()
+    model = _classifier(args.ckpt, device)
+    cfg = model.cfg
+    dataset, split, class_names = data.build_eval(args.data, image_size=cfg.image_size, in_chans=cfg.in_chans,
+                                                  split=args.split, val_split=args.val_split,
+                                                  bad_images=args.bad_images)
+    if len(class_names) != cfg.num_classes:
+        raise ConfigError(f"{args.data} has {len(class_names)} classes, the model in {args.ckpt} has "
+                          f"{cfg.num_classes}")
+    real = None
+    if args.real_labels:
+        if args.bad_images == "skip":
+            raise ConfigError("--real-labels pairs labels with images by position: not with --bad-images skip")
+        real = read_real_labels(args.real_labels, dataset, cfg.num_classes)
+    predictor = Predictor(model, args.precision, device)  # the fastest inference settings: weights cast once
+    evaluator = Classification(dataset, split, batch_size=args.batch_size, device=device,
+                               precision=predictor.precision, num_workers=args.num_workers, real=real)
+    result = evaluator.run(predictor.model)
+    if args.json:
+        record = dict(result, split=split, data=args.data, checkpoint=str(args.ckpt))
+        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
+    print(f"{split}: {result['n']} images")
+    print(f"loss: {result['loss']:.4f}")
+    print(f"top1: {result['top1']:.4f}")
+    print(f"top5: {result['top5']:.4f}")
+    if real is not None:
+        print(f"ReaL top1: {result['real_top1']:.4f} ({result['real_n']} images with ReaL labels)")
+
+
+def _classifier(ckpt, device):
+    """The checkpoint's model on `device`, refused if its head cannot classify (all zero)."""
+    from .evaluate import check_classifier
+    from .weights import load_model
+
+    model = load_model(ckpt).to(device)
+    check_classifier(model, ckpt)
+    return model
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def cmd_fewshot(args) -> None:
+    from . import data
+    from .common import atomic_write_text
+    from .evaluate import FEWSHOT_L2_REG, fewshot
+    from .runtime import Predictor, default_device
+    from .weights import load_model
+
+    args.l2_reg = FEWSHOT_L2_REG if args.l2_reg is None else args.l2_reg
+    if args.seeds < 1 or args.batch_size < 1 or not args.l2_reg > 0:
+        raise ConfigError("--seeds and --batch-size must be >= 1 and --l2-reg > 0")
+    device = default_device()
+    model = load_model(args.ckpt).to(device)
+    cfg = model.cfg
+    splits = data.build(args.data, image_size=cfg.image_size, in_chans=cfg.in_chans, train_transform=None,
+                        val_split=args.val_split, split=args.split)
+    eval_set, eval_name = splits.eval, splits.eval_name
+    if args.eval_data is not None:  # the evaluation images from another set of the same classes
+        eval_set, eval_name, names = data.build_eval(args.eval_data, image_size=cfg.image_size, in_chans=cfg.in_chans)
+        if len(names) != splits.num_classes:
+            raise data.DataError(f"{args.eval_data} has {len(names)} classes, {args.data} {splits.num_classes}")
+    if eval_set is None:
+        raise data.DataError(f"{args.data} has no val or test split; pass --val-split FRACTION or --eval-data SPEC")
+    shots = sorted(set(args.shots))
+    predictor = Predictor(model, args.precision, device)
+    result = fewshot(predictor.model, splits.train, eval_set, splits.num_classes, shots=shots, seeds=range(args.seeds),
+                     l2_reg=args.l2_reg, batch_size=args.batch_size,
+                     precision=predictor.precision, num_workers=args.num_workers)
+    kind = "pre-logits" if cfg.representation_size else "[class] token" if cfg.classifier == "token" else "mean-pooled"
+    print(f"{args.ckpt}: {cfg.name or 'ViT'}, {result['feature_dim']}-dim {kind} features; {args.data}: "
+          f"{splits.num_classes} classes, {result['featurised']} of {result['train_images']} training images "
+          f"featurised, {eval_name} {result['eval_images']} images; l2 reg {args.l2_reg:g}, "
+          f"{args.seeds} seed{'s' if args.seeds > 1 else ''}")
+    print(f"{'shots':>5}  {'accuracy':>8}  {'std':>6}")
+    for k, r in result["results"].items():
+        print(f"{k:>5}  {r['mean']:>8.4f}  {r['std']:>6.4f}")
+    if args.json:
+        record = dict(result, results={str(k): v for k, v in result["results"].items()}, data=args.data,
+                      split=eval_name, eval_data=args.eval_data, checkpoint=str(args.ckpt),
+                      num_classes=splits.num_classes)
+        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
+
+
+def cmd_predict(args) -> None:
+    from .evaluate import predict
+    from .runtime import Predictor, default_device
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    device = default_device()
+    model = _classifier(args.ckpt, device)
+    predictor = Predictor(model, args.precision, device)
+    results = predict(predictor.model, args.images, args.top_k, predictor.precision)
+    for path, top in zip(args.images, results):
+        print(path)
+        width = max(len(name) for name, _ in top)
+        for name, p in top:
+            print(f"  {name:<{width}}  {p:.4f}")
+
+
+def cmd_inspect(args) -> None:
+    import torch
+
+    from .inspect import ARRAYS_FILE, JSON_FILE, PAGE_FILE, TITLES, check_inspectable, data_images, image_files, run
+    from .weights import load_model
+
+    for flag in ("num_images", "num_components", "num_overlays", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a directory")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.ckpt, image_size=args.image_size, source_grid=args.source_grid,
+                       num_heads=args.num_heads).to(device)
+    try:
+        check_inspectable(model)
+    except ValueError as e:
+        raise UserError(f"{args.ckpt}: {e}") from None
+    cfg = model.cfg
+    images = names = labels = None
+    image_source = None
+    if args.images:
+        images = image_files(args.images, cfg)
+        names = [Path(path).name for path in args.images]
+        image_source = f"{len(names)} image files"
+    elif args.data:
+        images, names, labels, image_source = data_images(args.data, cfg, args.split, args.num_images)
+    report = run(model, images, args.out, names=names, labels=labels, source=str(args.ckpt),
+                 image_source=image_source, num_components=args.num_components, num_overlays=args.num_overlays,
+                 batch_size=args.batch_size)
+    for key, name in report["figures"].items():
+        print(f"wrote {args.out / name}")
+    for key, reason in report["skipped"].items():
+        print(f"skipped {TITLES[key][3:].lower()}: {reason}")
+    if "mean_attention_distance" in report:
+        per_layer = ", ".join(f"{sum(d) / len(d):.1f}" for d in report["mean_attention_distance"])
+        print(f"mean attention distance per layer (pixels, mean over heads): {per_layer}")
+    print(f"wrote {args.out / JSON_FILE}, {args.out / ARRAYS_FILE}")
+    print(f"open {args.out / PAGE_FILE}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The parser
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -136,14 +356,117 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output .npz file")
     p.set_defaults(func=cmd_export)
 
-    for register in _extra_commands():
-        register(sub)
+    _add_training(sub)
+    _add_evaluation(sub)
     return parser
 
 
-def _extra_commands():
-    """Commands that live beside their module (training, evaluation, inspection)."""
-    return [importlib.import_module(f".{name}", __package__).register_cli for name in ("train", "evaluate", "inspect")]
+def _add_training(sub) -> None:
+    """`vitlab train` and `vitlab finetune`: one flag per TrainConfig field, plus --config and --resume (and
+    --preset for train)."""
+    p = sub.add_parser(
+        "train", help="train a ViT (from scratch, or continue a run with --resume)",
+        description="Train a ViT. Settings come from the defaults, then --preset, then --config FILE.yaml, then flags.",
+    )
+    p.add_argument("--preset", default=None, help=f"start from a preset: {', '.join(PRESETS)}")
+    _add_run_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    defaults = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in FINE_TUNE.items())
+    p = sub.add_parser(
+        "finetune", help="fine-tune pretrained weights (--init) on new data at a new resolution",
+        description="Fine-tune as the paper does (appendix B.1.1): the weights of --init with a new zero head, the "
+                    "pre-logits layer dropped, the position embeddings interpolated to --image-size; the training "
+                    f"loop of `vitlab train` with other defaults ({defaults}), then --config FILE.yaml, then flags.",
+    )
+    _add_run_flags(p)
+    p.set_defaults(func=cmd_finetune)
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="a YAML file of TrainConfig fields")
+    p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR where it stopped")
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help = f.metadata.get("help", "")
+        if hints[f.name] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        else:  # parsed against the field's type by TrainConfig itself, so that errors name the field
+            choices = literal_choices(hints[f.name])
+            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            p.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help)
+
+
+def _add_evaluation(sub) -> None:
+    """`vitlab eval`, `vitlab fewshot`, `vitlab predict` and `vitlab inspect`."""
+    p = sub.add_parser("eval", help="top-1 / top-5 accuracy of a checkpoint on a labelled split")
+    p.add_argument("ckpt", type=Path, help="vitlab checkpoint directory (a training run's DIR), official .npz, or "
+                                         "timm or Hugging Face safetensors")
+    p.add_argument("--data", required=True, help=spec_help("the data to evaluate on"))
+    p.add_argument("--split", choices=("test", "val"), default=None, help="default: val if there is one, else test")
+    p.add_argument("--val-split", type=float, default=None,
+                   help="the fraction of the training data cut as val (as in training)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--bad-images", choices=("error", "skip"), default="error")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32")
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.add_argument("--real-labels", type=Path, default=None, metavar="REAL_JSON",
+                   help="also report ImageNet-ReaL top-1: real.json, one list of labels per validation image in "
+                        "sorted file-name order (images with none are left out)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("fewshot", help="linear few-shot accuracy of frozen features (closed-form ridge)",
+                       description="The paper's few-shot evaluation: k images per class (drawn per seed), their "
+                                   "frozen features mapped to {-1,1}^K by L2-regularised least squares, accuracy on "
+                                   "the held-out split; mean and std over seeds.")
+    p.add_argument("ckpt", type=Path, help="any checkpoint vitlab loads: run DIR, .npz, timm or Hugging Face")
+    p.add_argument("--data", required=True, help=spec_help("the data to evaluate on"))
+    p.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25], help="images per class (default 1,5,10,25)")
+    p.add_argument("--seeds", type=int, default=5, help="draws of the shots, seeds 0..N-1 (default 5)")
+    p.add_argument("--l2-reg", type=float, default=None, help="the ridge regulariser (default 1024, big_vision's)")
+    p.add_argument("--split", choices=("test", "val"), default=None, help="default: val if there is one, else test")
+    p.add_argument("--val-split", type=float, default=None, help="evaluate on this fraction cut from the training data")
+    p.add_argument("--eval-data", default=None, metavar="SPEC",
+                   help=spec_help("evaluate on another set of the same classes (its test or val split, else all of it)"))
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32")
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_fewshot)
+
+    p = sub.add_parser("predict", help="the most probable classes of image files")
+    p.add_argument("ckpt", type=Path, help="vitlab checkpoint directory (its config.json names the classes)")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("inspect", help="the paper's figures for a checkpoint: filters, position similarity, "
+                                       "attention distance, attention rollout, on one HTML page")
+    p.add_argument("ckpt", type=Path, help="anything vitlab loads: a vitlab checkpoint directory, an official .npz, "
+                                           "timm or Hugging Face ViT safetensors")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--images", nargs="+", metavar="PATH", help="image files for the attention figures")
+    source.add_argument("--data", metavar="SPEC",
+                        help=spec_help("take images from a data spec's evaluation split"))
+    p.add_argument("--split", choices=("test", "val"), default=None, help="with --data (default: val, else test)")
+    p.add_argument("--num-images", type=int, default=128, help="with --data: how many images (default 128)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (index.html, PNGs, inspect.json)")
+    p.add_argument("--num-components", type=int, default=28, help="principal components shown (default 28)")
+    p.add_argument("--num-overlays", type=int, default=8, help="images shown with their rollout (default 8)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=_size, default=None,
+                   help="inspect at another resolution (position embeddings resized in 2-D)")
+    p.add_argument("--source-grid", type=_size, default=None,
+                   help="HxW patch grid of an .npz whose position embeddings are not a square grid")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="heads of timm or Hugging Face weights without a config.json (default: width / 64)")
+    p.set_defaults(func=cmd_inspect)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,80 +1,57 @@
-"""The --data specs, decoding, transforms and loaders.
+"""The --data specs (vitlab.specs) turned into datasets and loaders.
 
-A data spec is one string:
+`build` turns a spec into `Splits`: a training set and an evaluation set (a val or test split) of
+`(image, label)` samples, `image` a uint8 tensor (in_chans, H, W) already at the model resolution (vitlab.images).
+In-memory and image-file sets are map-style (`MapDataset`); WebDataset shards stream (vitlab.wds).
 
-    fashion-mnist        the four idx .gz files of Fashion-MNIST (Debian's dataset-fashion-mnist, else downloaded)
-    cifar10, cifar100    torchvision's copies, downloaded into the cache directory
-    pets, flowers102     torchvision's Oxford-IIIT Pet (trainval / test) and Oxford Flowers 102 (train / val / test),
-                         the paper's transfer datasets (Table 2), downloaded likewise
-    folder:PATH          an ImageFolder tree: PATH/train (else PATH itself), eval from PATH/val or PATH/test
-    wds:PATTERN          WebDataset tar shards KEY.jpg|jpeg|png + KEY.cls, e.g. /data/train-{0000..0004}.tar
+Determinism (see also vitlab.images): the order of an epoch is a permutation seeded from (seed, epoch)
+(`make_loader`); validation splits cut from training data are a fixed permutation with seed 0 (map-style) or a
+hash of the KEY (WebDataset), independent of the training seed and of shard order. A WebDataset stream's order
+does depend on the number of DataLoader workers (each reads its own part), and resuming it reads and discards the
+batches before start_batch; map-style sets skip them unread.
 
-`build` turns a spec into `Splits`. Every sample is `(image, label)` with `image` a uint8 tensor
-(in_chans, H, W) already at the model resolution: uint8 is what crosses the DataLoader worker boundary, and
-`normalize` turns a batch into float32 inside the training step.
-
-Determinism. Resuming a run mid-epoch must reproduce the same batches bit for bit, so nothing here draws
-from a random state that depends on the process or the worker that happens to run it:
-- the order of an epoch is a permutation seeded from (seed, epoch) (`make_loader`);
-- the augmentation of a sample is keyed by a 64-bit hash of (seed, epoch, sample id), where the sample id
-  is its index in the source (map-style sets) or a hash of its KEY (WebDataset). Pad-crop offsets and flips
-  are read off the hash's bits (which lets in-memory sets augment a whole batch in one vectorised op);
-  RandomResizedCrop and RandAugment run with torch's CPU generator seeded from the hash, under a
-  save/restore in the main process so the caller's RNG is untouched;
-- validation splits cut from training data are a fixed permutation with seed 0 (map-style) or a hash of
-  the KEY (WebDataset), independent of the training seed and of shard order.
-A WebDataset stream's order does depend on the number of DataLoader workers (each reads its own part), and
-resuming it reads and discards the batches before start_batch; map-style sets skip them unread.
-
-Bad images. An unreadable image raises DataError naming the file (folder) or shard and key (wds). With
-bad_images="skip" it is logged and counted in the dataset's `skipped` (summed over DataLoader workers
-through shared memory): a stream leaves it out, a map-style set returns None for it and `collate` drops
-the None, so that batch comes out one short.
-
-Image modes (`decode_image`): grey, RGB, palette, CMYK, YCbCr and bilevel through PIL's conversions;
-alpha (RGBA, LA, PA, palette or grey with a transparent colour) composited over black; 16-bit (I;16, I)
-scaled by >> 8, so 65535 -> 255. RGB -> 1 channel is ITU-R 601-2 luma as PIL computes it.
+Bad images: a map-style set returns None for one skipped with bad_images="skip" and `collate` drops the None, so
+that batch comes out one short; a stream leaves it out.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gzip
-import hashlib
-import io
-import json
-import logging
 import math
 import os
-import random
 import struct
-import tarfile
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
-try:  # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; PIL does all without them
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # pragma: no cover
-    decode_jpeg = None
+from .common import DataError, one_line
+from .images import (
+    IMAGE_EXTENSIONS,
+    SALT_LOADER,
+    SALT_ORDER,
+    SkipCounter,
+    TrainAug,
+    Transform,
+    one_thread,
+    pil_to_array,
+    decode_image,
+    in_train_subset,
+    in_val_split,
+    sample_hashes,
+    seed_int,
+    skip_bad,
+)
+from .specs import parse_spec
+from .wds import WdsDataset, expand_pattern, read_classes, scan_shard
 
-log = logging.getLogger(__name__)
-
-SPEC_FORMS = "fashion-mnist, cifar10, cifar100, pets, flowers102, folder:PATH, wds:PATTERN"
-TORCHVISION_SETS = ("cifar10", "cifar100", "pets", "flowers102")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -82,46 +59,6 @@ FASHION_MNIST_FILES = {
 }
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-WDS_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
-# Transparent pixels are composited over this grey level: the colour stored under alpha 0 is arbitrary, so
-# dropping alpha (PIL's convert("RGB")) would feed the model whatever the encoder left there.
-ALPHA_BACKGROUND = 0
-
-
-class DataError(ValueError):
-    """A user-facing, one-line error naming the spec, file, shard or key at fault."""
-
-    def __init__(self, message: str):
-        # A DataLoader worker re-raises as DataError("Caught DataError in DataLoader worker process N.\n
-        # Original Traceback ...\nvitlab.data.DataError: <message>"); keep the one line the user needs.
-        if message.startswith("Caught DataError") and "\nOriginal Traceback" in message:
-            message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
-        super().__init__(message)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-# ----------------------------------------------------------------------------------------------- specs
-
-@dataclass
-class DataSpec:
-    kind: str          # "fashion-mnist" | "cifar10" | "cifar100" | "pets" | "flowers102" | "folder" | "wds"
-    path: str | None   # the directory (folder) or shard pattern (wds)
-
-
-def parse_spec(spec: str) -> DataSpec:
-    """Parse a --data string; DataError listing the valid forms if it is none of them."""
-    name = spec.strip()
-    if name.lower() in ("fashion-mnist", *TORCHVISION_SETS):
-        return DataSpec(name.lower(), None)
-    kind, sep, path = name.partition(":")
-    if sep and kind in ("folder", "wds") and path:
-        return DataSpec(kind, path)
-    raise DataError(f"unknown data spec {spec!r}: expected one of {SPEC_FORMS}")
 
 
 def cache_dir() -> Path:
@@ -129,56 +66,6 @@ def cache_dir() -> Path:
     if os.environ.get("VITLAB_CACHE_DIR"):
         return Path(os.environ["VITLAB_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitlab"
-
-
-# -------------------------------------------------------------------------------------------- hashing
-# splitmix64's finaliser (Steele, Lea & Flood 2014) on numpy uint64 arrays, which wrap on overflow by
-# definition. Every sample's randomness is a pure function of (seed, epoch, sample id) through it.
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_SALT_ORDER, _SALT_LOADER, _SALT_SHARDS, _SALT_BUFFER = 1, 2, 3, 4
-_SALT_RRC, _SALT_RANDAUG = np.uint64(0xA5A5A5A5), np.uint64(0x5A5A5A5A00000000)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def sample_hashes(seed: int, epoch: int, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-    """64-bit hashes of (seed, epoch, id) for each id: the only source of a sample's augmentation."""
-    h = _mix64(np.array([seed & (2**64 - 1)], dtype=np.uint64) + _GOLDEN)
-    h = _mix64(h ^ (np.uint64(epoch & (2**64 - 1)) + _GOLDEN))
-    return _mix64(h ^ (np.asarray(ids, dtype=np.uint64) + _GOLDEN))
-
-
-def _seed_int(seed: int, epoch: int, *salts: int) -> int:
-    """A scalar seed for one use (epoch order, shard order, shuffle buffer) of (seed, epoch)."""
-    h = sample_hashes(seed, epoch, [0])
-    for s in salts:
-        h = _mix64(h ^ (np.uint64(s) + _GOLDEN))
-    return int(h[0] >> np.uint64(1))
-
-
-def _key_hash(key: str, person: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8, person=person).digest(), "little")
-
-
-def key_id(key: str) -> int:
-    """The sample id of a WebDataset KEY (its place in `sample_hashes`)."""
-    return _key_hash(key, b"vitlab-id")
-
-
-def in_val_split(key: str, fraction: float) -> bool:
-    """Whether a WebDataset KEY falls in a val split of `fraction`: stable for any shard order or seed."""
-    return _key_hash(key, b"vitlab-val") % 10000 < round(fraction * 10000)
-
-
-def in_train_subset(keys: list[str], count: int) -> set[str]:
-    """The `count` WebDataset KEYs of a training subset: those of smallest hash, so that a smaller subset lies
-    inside every larger one (as the paper's nested JFT subsets), whatever the shard order."""
-    return set(sorted(keys, key=lambda k: _key_hash(k, b"vitlab-subset"))[:count])
 
 
 def subset_indices(indices: list[int], count: int) -> list[int]:
@@ -194,275 +81,7 @@ def split_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
 
 
-# ------------------------------------------------------------------------------------------- decoding
-
-def decode_image(data: bytes | str | os.PathLike, in_chans: int, name: str | None = None) -> Tensor:
-    """Decode an image file or byte string to uint8 (in_chans, H, W); DataError naming it if unreadable."""
-    if not isinstance(data, bytes):
-        name = name or str(data)
-        try:
-            data = Path(data).read_bytes()
-        except OSError as exc:
-            raise DataError(f"cannot read image {name}: {_one_line(exc)}") from exc
-    if data[:2] == b"\xff\xd8" and decode_jpeg is not None:
-        # JPEG through torchvision's libjpeg-turbo: 26 us against PIL's 86 us for a 32x32 CIFAR image, and the
-        # same pixels. Anything it cannot do (CMYK, errors) goes on to PIL, which names the error.
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
-        except RuntimeError:
-            x = None
-        if x is not None and x.shape[0] in (1, 3):  # CMYK (4) goes through PIL's conversion
-            return _match_channels(x, in_chans)
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            array = _pil_to_array(img, in_chans)
-    except Exception as exc:  # anything a decoder raises on bad bytes: OSError, SyntaxError, bomb, ...
-        raise DataError(f"cannot decode image {name or '<bytes>'}: {_one_line(exc)}") from exc
-    x = torch.from_numpy(array)
-    return x[None] if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
-
-
-def _pil_to_array(img: Image.Image, in_chans: int) -> np.ndarray:
-    """(H, W) for in_chans 1, (H, W, 3) for 3, uint8, from any PIL mode."""
-    mode = img.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        # 16-bit samples (PNG/TIFF open as I;16, older Pillow and 32-bit TIFF as I) keep their high byte:
-        # 65535 -> 255, so the full range maps to 8 bits instead of saturating at 255.
-        a = np.asarray(img)
-        if mode == "F":  # float images are taken to be on the 0..255 scale
-            gray = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        else:
-            gray = (np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
-        return gray if in_chans == 1 else np.repeat(gray[..., None], 3, axis=-1)  # fresh, writable
-    if "A" in img.getbands() or mode in ("RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")  # P/L/RGB with a transparent colour, LA, PA, RGBa
-        background = Image.new("RGBA", rgba.size, (ALPHA_BACKGROUND,) * 3 + (255,))
-        img = Image.alpha_composite(background, rgba).convert("RGB")
-    elif mode not in ("L", "RGB"):
-        img = img.convert("RGB")  # CMYK, YCbCr, P, 1, HSV: PIL's conversions (pure cyan -> (0, 255, 255))
-    return np.array(img.convert("L" if in_chans == 1 else "RGB"))
-
-
-def _match_channels(x: Tensor, in_chans: int) -> Tensor:
-    c = x.shape[-3]
-    if c == in_chans:
-        return x
-    if c == 1 and in_chans == 3:
-        return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).contiguous()
-    if c == 3 and in_chans == 1:  # PIL's convert("L"), ITU-R 601-2 luma in 16-bit fixed point
-        r, g, b = x.to(torch.int32).unbind(-3)
-        return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(-3)
-    raise DataError(f"cannot convert a {c}-channel image to {in_chans} channels")
-
-
-# ----------------------------------------------------------------------------------------- transforms
-
-@dataclass
-class TrainAug:
-    """Per-sample training augmentation; mixup/cutmix are batch-level (`batch_mix`)."""
-    crop: str = "auto"          # "rrc" | "pad" | "none" | "auto": "pad" for sources with side <= 64 px, else "rrc"
-    crop_scale: float = 0.08    # RandomResizedCrop's lower area bound
-    flip: bool = True
-    randaugment: tuple[int, int] | None = None  # (num_ops, magnitude)
-    pad_mode: str = "constant"  # "constant" (zeros, as in He et al. 2016 for CIFAR) | "reflect" | "replicate"
-
-    def __post_init__(self):
-        if self.crop not in ("auto", "rrc", "pad", "none"):
-            raise DataError(f"unknown crop {self.crop!r}: expected auto, rrc, pad or none")
-        if not 0 < self.crop_scale <= 1:
-            raise DataError(f"crop scale must be in (0, 1], got {self.crop_scale}")
-        if self.pad_mode not in ("constant", "reflect", "replicate"):
-            raise DataError(f"unknown pad mode {self.pad_mode!r}: expected constant, reflect or replicate")
-        if self.randaugment is not None:
-            if len(self.randaugment) != 2:
-                raise DataError(f"randaugment takes (num_ops, magnitude), got {self.randaugment!r}")
-            self.randaugment = (int(self.randaugment[0]), int(self.randaugment[1]))
-
-
-@contextlib.contextmanager
-def _private_rng():
-    """Leave the main process's CPU generator as it was; a DataLoader worker's may be reseeded freely."""
-    if get_worker_info() is not None:
-        yield
-        return
-    state = torch.default_generator.get_state()
-    try:
-        yield
-    finally:
-        torch.default_generator.set_state(state)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch ops on one intra-op thread: batches of small images gain nothing from more, and on a
-    loaded machine OpenMP's hand-off makes a (256, 1, 28, 28) pad 100x slower (measured: 24 ms vs 0.1 ms)."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-class Transform:
-    """uint8 images (B, C, H, W) or (C, H, W) at source size -> uint8 at `image_size` with `in_chans`.
-
-    With `aug` (training) it needs each sample's hash from `sample_hashes`; without it (evaluation) it only
-    resizes and converts channels.
-    """
-
-    def __init__(self, image_size: tuple[int, int], in_chans: int, aug: TrainAug | None = None):
-        self.image_size, self.in_chans, self.aug = tuple(image_size), in_chans, aug
-        if aug is not None:
-            self._rrc = v2.RandomResizedCrop(self.image_size, scale=(aug.crop_scale, 1.0), antialias=True)
-            self._randaug = v2.RandAugment(*aug.randaugment) if aug.randaugment else None
-
-    def crop_mode(self, height: int, width: int) -> str:
-        if self.aug is None:
-            return "none"
-        if self.aug.crop == "auto":
-            return "pad" if max(height, width) <= 64 else "rrc"
-        return self.aug.crop
-
-    def __call__(self, x: Tensor, hashes: np.ndarray | None = None) -> Tensor:
-        with _one_thread():
-            return self._apply(x, hashes)
-
-    def _apply(self, x: Tensor, hashes: np.ndarray | None) -> Tensor:
-        if x.ndim == 3:
-            return self._apply(x[None], None if hashes is None else np.asarray(hashes).reshape(1))[0]
-        if self.aug is not None:
-            if hashes is None or len(hashes) != len(x):
-                raise ValueError("a training transform needs one sample hash per image")
-            hashes = np.asarray(hashes, dtype=np.uint64)
-            flips = ((hashes >> np.uint64(32)) & np.uint64(1)).astype(bool) & self.aug.flip
-            if self.crop_mode(*x.shape[-2:]) == "rrc":
-                x = self._seeded(self._rrc, x, hashes ^ _SALT_RRC)
-                x = torch.where(torch.from_numpy(flips)[:, None, None, None], x.flip(-1), x)
-            else:
-                x = self._pad_crop_flip(x, hashes, flips)
-        x = self._resize(x)
-        if self.aug is not None and self._randaug is not None:
-            x = self._seeded(self._randaug, x, hashes ^ _SALT_RANDAUG)
-        return _match_channels(x, self.in_chans)
-
-    def many(self, images: list[Tensor], hashes: np.ndarray | None = None) -> list[Tensor]:
-        """Transform images of mixed sizes: one batched call per size."""
-        groups: dict[tuple, list[int]] = {}
-        for k, image in enumerate(images):
-            groups.setdefault(tuple(image.shape), []).append(k)
-        out: list[Tensor] = [None] * len(images)
-        for ks in groups.values():
-            batch = self(torch.stack([images[k] for k in ks]), None if hashes is None else hashes[ks])
-            for k, image in zip(ks, batch.unbind(0)):
-                out[k] = image
-        return out
-
-    def _resize(self, x: Tensor) -> Tensor:
-        if tuple(x.shape[-2:]) == self.image_size:
-            return x
-        return TF.resize(x, list(self.image_size), antialias=True)
-
-    def _pad_crop_flip(self, x: Tensor, hashes: np.ndarray, flips: np.ndarray) -> Tensor:
-        """Pad 4 px per 32 px of side, crop back to the source size, flip: vectorised over the batch."""
-        b, _, h, w = x.shape
-        pad_y, pad_x = (round(h / 8), round(w / 8)) if self.crop_mode(h, w) == "pad" else (0, 0)
-        off_y = torch.from_numpy(((hashes & np.uint64(0xFFFF)) % np.uint64(2 * pad_y + 1)).astype(np.int64))
-        off_x = torch.from_numpy((((hashes >> np.uint64(16)) & np.uint64(0xFFFF))
-                                  % np.uint64(2 * pad_x + 1)).astype(np.int64))
-        if pad_y or pad_x:
-            x = torch.nn.functional.pad(x, (pad_x, pad_x, pad_y, pad_y), mode=self.aug.pad_mode)
-        rows = off_y[:, None] + torch.arange(h)                                      # (B, H)
-        cols = off_x[:, None] + torch.arange(w)                                      # (B, W)
-        cols = torch.where(torch.from_numpy(flips)[:, None], cols.flip(1), cols)
-        out = x.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
-        return out.permute(0, 3, 1, 2).contiguous()                                  # (B, C, H, W)
-
-    @staticmethod
-    def _seeded(op: Callable[[Tensor], Tensor], x: Tensor, keys: np.ndarray) -> Tensor:
-        seeds = _mix64(keys)
-        with _private_rng():
-            out = []
-            for image, seed in zip(x, seeds):
-                torch.default_generator.manual_seed(int(seed))
-                out.append(op(image))
-        return torch.stack(out)
-
-
-def train_transform(aug: TrainAug, image_size: tuple[int, int], in_chans: int) -> Transform:
-    """The training Transform: crop, flip, RandAugment, resize, channels; call it with sample hashes."""
-    return Transform(image_size, in_chans, aug)
-
-
-def eval_transform(image_size: tuple[int, int], in_chans: int) -> Transform:
-    """Resize to image_size (if different) and convert to in_chans; deterministic."""
-    return Transform(image_size, in_chans, None)
-
-
-def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """uint8 images (B, C, H, W) -> float32 (x/255 - mean)/std, on x's device."""
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    return (x.float() / 255 - mean_t) / std_t
-
-
-def batch_mix(mixup: float, cutmix: float, num_classes: int) -> Callable[..., tuple[Tensor, Tensor]] | None:
-    """MixUp / CutMix (one of the two per batch when both are on) as mix(images, labels, seed=None).
-
-    It runs on the float batch after `normalize` (MixUp blends pixel values) and returns (images,
-    soft targets (B, num_classes)). Its draws come from torch's CPU generator; pass `seed` (e.g. a hash of
-    the run seed and the step) to draw from a private generator so a resumed run mixes identically.
-    None when both alphas are 0.
-    """
-    ops = []
-    if mixup > 0:
-        ops.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
-    if cutmix > 0:
-        ops.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
-    if not ops:
-        return None
-    op = ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
-
-    def mix(images: Tensor, labels: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:
-        if seed is None:
-            return op(images, labels)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return op(images, labels)
-
-    return mix
-
-
 # ------------------------------------------------------------------------------------ map-style sets
-
-class _SkipCounter:
-    """Counts skipped bad images across DataLoader workers: one shared-memory slot per worker."""
-
-    def __init__(self):
-        self._slots = torch.zeros(65, dtype=torch.int64).share_memory_()
-
-    def add(self):
-        info = get_worker_info()
-        self._slots[0 if info is None else 1 + info.id % 64] += 1
-
-    @property
-    def value(self) -> int:
-        return int(self._slots.sum())
-
-
-def _skip(dataset, exc: DataError) -> None:
-    """An unreadable image: re-raised, or with bad_images="skip" counted in `dataset.skipped`, logged and dropped."""
-    if dataset.bad_images != "skip":
-        raise exc
-    dataset._skips.add()
-    log.warning("skipping %s", exc)
-    return None
 
 
 class _TensorSource:
@@ -500,7 +119,7 @@ class MapDataset(Dataset):
                  indices: list[int] | None = None, bad_images: str = "error"):
         self.source, self.transform, self.indices, self.bad_images = source, transform, indices, bad_images
         self.seed, self.epoch = 0, 0
-        self._skips = _SkipCounter()
+        self._skips = SkipCounter()
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
         self.epoch = epoch
@@ -522,7 +141,7 @@ class MapDataset(Dataset):
         hashes = sample_hashes(self.seed, self.epoch, ids) if self.transform.aug is not None else None
         if isinstance(self.source, _TensorSource):  # one vectorised op per batch, no per-sample PIL
             index = torch.as_tensor(ids, dtype=torch.int64)
-            with _one_thread():
+            with one_thread():
                 images = self.transform(self.source.images[index], hashes)
             return list(zip(images.unbind(0), self.source.labels[index].tolist()))
         loaded = [self._load(j) for j in ids]
@@ -537,7 +156,7 @@ class MapDataset(Dataset):
         try:
             return self.source.load(j)
         except DataError as exc:
-            return _skip(self, exc)
+            return skip_bad(self, exc)
 
 
 def collate(batch: list) -> Any:
@@ -545,171 +164,8 @@ def collate(batch: list) -> Any:
     batch = [b for b in batch if b is not None]
     if not batch:
         return None
-    with _one_thread():
+    with one_thread():
         return default_collate(batch)
-
-
-# ------------------------------------------------------------------------------------- WebDataset
-
-class WdsDataset(IterableDataset):
-    """Streams (image, label) from WebDataset shards, read with webdataset's tar iterators.
-
-    Work split per epoch over C = world_size * num_workers consumers (rank, DataLoader worker): when the
-    shard count is a multiple of C each consumer reads its own shards, otherwise every consumer reads all
-    shards and keeps every C-th sample, so the shares never differ by more than one sample. With `even`
-    (training) and world_size > 1 every consumer stops at the smallest share, so all ranks run the same
-    number of steps. Shards are permuted per (seed, epoch) and samples pass a shuffle buffer seeded per
-    (seed, epoch, consumer): the order depends on the worker count, the augmentation (keyed by the KEY)
-    does not.
-    """
-
-    def __init__(self, shards: list[str], *, subset: str | None, val_split: float | None, transform: Transform,
-                 in_chans: int, num_classes: int, bad_images: str = "error",
-                 counts: dict[str, int] | None = None, shuffle_buffer: int = 2000, keys: set[str] | None = None):
-        self.shards, self.subset, self.val_split, self.keys = shards, subset, val_split, keys
-        self.transform, self.in_chans, self.num_classes, self.bad_images = transform, in_chans, num_classes, bad_images
-        self.counts, self.shuffle_buffer = counts, shuffle_buffer
-        self.seed, self.epoch, self.shuffle, self.rank, self.world_size, self.even = 0, 0, False, 0, 1, True
-        self._skips = _SkipCounter()
-
-    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
-        self.epoch = epoch
-        if seed is not None:
-            self.seed = seed
-
-    def configure(self, *, shuffle: bool, rank: int, world_size: int, even: bool) -> None:
-        self.shuffle, self.rank, self.world_size, self.even = shuffle, rank, world_size, even
-
-    @property
-    def num_samples(self) -> int | None:
-        return None if self.counts is None else sum(self.counts.values())
-
-    @property
-    def skipped(self) -> int:
-        return self._skips.value
-
-    def _keep(self, key: str) -> bool:
-        if self.keys is not None:
-            return key in self.keys
-        if self.subset is None:
-            return True
-        return in_val_split(key, self.val_split) == (self.subset == "val")
-
-    def _raw(self, shards: list[str]) -> Iterator[tuple[str, dict]]:
-        import webdataset as wds
-        for url in shards:
-            try:
-                for sample in wds.tariterators.tarfile_samples([dict(url=url)]):
-                    if self._keep(sample["__key__"]):
-                        yield url, sample
-            except DataError:
-                raise
-            except Exception as exc:
-                raise DataError(f"cannot read shard {url}: {_one_line(exc)}") from exc
-
-    def __iter__(self) -> Iterator[tuple[Tensor, int]]:
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        consumers, me = self.world_size * workers, self.rank * workers + worker
-        shards = list(self.shards)
-        if self.shuffle:
-            random.Random(_seed_int(self.seed, self.epoch, _SALT_SHARDS)).shuffle(shards)
-        by_shard = len(shards) % consumers == 0
-        stream = self._raw(shards[me::consumers] if by_shard else shards)
-        if not by_shard:
-            stream = (s for p, s in enumerate(stream) if p % consumers == me)
-        if self.even and self.world_size > 1 and self.counts is not None:
-            if by_shard:
-                share = min(sum(self.counts[s] for s in shards[k::consumers]) for k in range(consumers))
-            else:
-                share = sum(self.counts.values()) // consumers
-            stream = islice(stream, share)
-        if self.shuffle:
-            stream = _shuffle(stream, self.shuffle_buffer,
-                              random.Random(_seed_int(self.seed, self.epoch, _SALT_BUFFER, me)))
-        while chunk := list(islice(stream, 64)):  # decode one by one, transform in batches
-            loaded = [self._load(url, sample) for url, sample in chunk]
-            keep = [k for k, item in enumerate(loaded) if item is not None]
-            hashes = None
-            if self.transform.aug is not None:
-                hashes = sample_hashes(self.seed, self.epoch, [key_id(chunk[k][1]["__key__"]) for k in keep])
-            images = self.transform.many([loaded[k][0] for k in keep], hashes)
-            yield from ((image, loaded[k][1]) for k, image in zip(keep, images))
-
-    def _load(self, url: str, sample: dict) -> tuple[Tensor, int] | None:
-        key = sample["__key__"]
-        try:
-            data = next((sample[e] for e in WDS_IMAGE_MEMBERS if e in sample), None)
-            if data is None:
-                raise DataError(f"shard {url} key {key}: no .jpg/.jpeg/.png member")
-            try:
-                label = int(sample["cls"])
-            except (KeyError, ValueError) as exc:
-                raise DataError(f"shard {url} key {key}: missing or bad .cls ({_one_line(exc)})") from exc
-            if not 0 <= label < self.num_classes:
-                raise DataError(f"shard {url} key {key}: class {label} outside 0..{self.num_classes - 1}")
-            image = decode_image(data, self.in_chans, name=f"{key} in shard {url}")
-        except DataError as exc:
-            return _skip(self, exc)
-        return image, label
-
-
-def _shuffle(stream: Iterator, size: int, rng: random.Random) -> Iterator:
-    """A shuffle buffer of `size` items: each new item replaces a randomly chosen one that is yielded."""
-    if size <= 1:
-        yield from stream
-        return
-    buffer = []
-    for item in stream:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        k = rng.randrange(size)
-        buffer[k], item = item, buffer[k]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def _scan_shard(path: str, want_labels: bool) -> tuple[list[str], list[int]]:
-    """The sample KEYs of a local shard in order (tar headers only) and, if asked, the .cls labels."""
-    # the same KEY rule as the streaming reader
-    from webdataset.tariterators import base_plus_ext
-    keys, labels = [], []
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                key, ext = base_plus_ext(member.name) if member.isreg() else (None, None)
-                if key is None or os.path.basename(member.name).startswith("__"):
-                    continue
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-                if want_labels and ext.lower() == "cls":
-                    labels.append(int(tar.extractfile(member).read()))
-    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
-        raise DataError(f"cannot read shard {path}: {_one_line(exc)}") from exc
-    return keys, labels
-
-
-def _read_classes(path: Path) -> list[str]:
-    """classes.json: a list of names in index order, or a dict {index: name} or {name: index}."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {_one_line(exc)}") from exc
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    if isinstance(value, dict) and value:
-        try:
-            if all(isinstance(v, int) for v in value.values()):  # {name: index}
-                pairs = sorted((v, k) for k, v in value.items())
-            else:                                               # {index: name}
-                pairs = sorted((int(k), str(v)) for k, v in value.items())
-        except ValueError:
-            pairs = []
-        if pairs and [i for i, _ in pairs] == list(range(len(pairs))):
-            return [name for _, name in pairs]
-    raise DataError(f"{path}: expected a JSON list of class names or a dict index -> name")
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -726,7 +182,7 @@ class Splits:
 
 def build(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, train_transform: TrainAug | None,
           val_split: float | None = None, bad_images: str = "error", split: str | None = None,
-          train_images: int | None = None) -> Splits:
+          train_images: int | None = None, in_memory: bool | None = None) -> Splits:
     """Datasets for a --data spec.
 
     train_transform None leaves the training split unaugmented, as evaluation sees it (frozen features for
@@ -734,6 +190,8 @@ def build(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, train_
     the evaluation split: "val" (the cut, else the source's own val), "test" (the source's test), None (val if
     any, else test, else no evaluation). train_images keeps that many images of the training split (after the
     val cut), a fixed choice in which smaller subsets nest in larger ones (`in_train_subset`, `subset_indices`).
+    in_memory (WebDataset shards): decode the images once and hold them (default: local shards that fit in 2 GiB at
+    the model's resolution); False streams them from the shards every epoch.
     """
     data = parse_spec(spec)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
@@ -753,7 +211,7 @@ def build(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, train_
     common = dict(image_size=size, in_chans=in_chans, aug=train_transform, val_split=val_split,
                   split=split, bad_images=bad_images, train_images=train_images)
     if data.kind == "wds":
-        return _build_wds(data.path, **common)
+        return _build_wds(data.path, **common, in_memory=in_memory)
     if data.kind == "folder":
         train, held_out, names = _folder_sources(data.path, in_chans)
     elif data.kind == "fashion-mnist":
@@ -763,6 +221,18 @@ def build(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, train_
     else:
         train, held_out, names = _cifar_sources(data.kind)
     return _map_splits(spec, train, held_out, names, **common)
+
+
+def build_eval(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, split: str | None = None,
+               val_split: float | None = None, bad_images: str = "error") -> tuple[Dataset | IterableDataset, str, list[str]]:
+    """The set a spec names for evaluation, unaugmented: its val or test split (`split` picks one; `val_split`
+    cuts one from its training data), else, when it has none, all of it (WebDataset shards, a folder of class
+    folders). (dataset, split name, class names); the split name of a whole set is "all"."""
+    splits = build(spec, image_size=image_size, in_chans=in_chans, train_transform=None, val_split=val_split,
+                   bad_images=bad_images, split=split)
+    if splits.eval is not None:
+        return splits.eval, splits.eval_name, splits.class_names
+    return splits.train, "all", splits.class_names
 
 
 def _map_splits(spec: str, train: _TensorSource | _FileSource, held_out: dict, class_names: list[str], *,
@@ -797,7 +267,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as exc:
-        raise DataError(f"cannot read idx file {path}: {_one_line(exc)}") from exc
+        raise DataError(f"cannot read idx file {path}: {one_line(exc)}") from exc
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
         raise DataError(f"{path}: not an idx file of uint8 data (bad magic number)")
     ndim = raw[3]
@@ -853,7 +323,7 @@ def _download(name: str, cls, **split):
     try:
         return cls(root=str(root), download=True, **split)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; torchvision raises RuntimeError on bad files
-        raise DataError(f"could not download {name} into {root} ({_one_line(exc)}); "
+        raise DataError(f"could not download {name} into {root} ({one_line(exc)}); "
                         f"pass --data folder:PATH or wds:PATTERN") from exc
 
 
@@ -871,9 +341,9 @@ class _TorchvisionSource:
     def load(self, j: int) -> tuple[Tensor, int]:
         try:
             image, label = self.dataset[j]
-            array = _pil_to_array(image, self.in_chans)
+            array = pil_to_array(image, self.in_chans)
         except Exception as exc:
-            raise DataError(f"cannot read image {j} of {self.name}: {_one_line(exc)}") from exc
+            raise DataError(f"cannot read image {j} of {self.name}: {one_line(exc)}") from exc
         x = torch.from_numpy(array)
         return (x[None] if x.ndim == 2 else x.permute(2, 0, 1).contiguous()), int(label)
 
@@ -916,38 +386,34 @@ def file_names_of(dataset) -> list[str] | None:
 
 
 def _folder_sources(path: str, in_chans: int):
+    """An ImageFolder tree: PATH/train (else PATH itself) of class folders, held-out PATH/val and PATH/test with the
+    same classes. A tree of only val/ or test/ is an evaluation set without training images."""
     from torchvision.datasets.folder import find_classes, make_dataset
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"folder:{path}: no such directory")
     has_train = (root / "train").is_dir()
-    train_dir = root / "train" if has_train else root
+    held = [name for name in ("val", "test") if (root / name).is_dir()]
+    classes_dir = root / "train" if has_train else root / held[0] if held else root
     try:
-        class_names, class_to_idx = find_classes(str(train_dir))
-        train = make_dataset(str(train_dir), class_to_idx, extensions=IMAGE_EXTENSIONS)
+        class_names, class_to_idx = find_classes(str(classes_dir))
+        train = make_dataset(str(classes_dir), class_to_idx, extensions=IMAGE_EXTENSIONS) if has_train or not held else []
     except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"folder:{path}: {_one_line(exc)}") from exc
+        raise DataError(f"folder:{path}: {one_line(exc)}") from exc
     held_out = {}
-    for name in ("val", "test") if has_train else ():
+    for name in held if has_train or held else ():
         directory = root / name
-        if not directory.is_dir():
-            continue
         extra = sorted(set(os.listdir(directory)) - set(class_names))
         extra = [e for e in extra if (directory / e).is_dir()]
         if extra:
-            raise DataError(f"{directory}: classes {extra} are not in {train_dir}")
+            raise DataError(f"{directory}: classes {extra} are not in {classes_dir}")
         samples = make_dataset(str(directory), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
         held_out[name] = _FileSource(samples, in_chans)
     return _FileSource(train, in_chans), held_out, class_names
 
 
-def expand_pattern(pattern: str) -> list[str]:
-    """Shard paths of a brace pattern: /d/train-000{0..4}.tar -> five paths."""
-    import braceexpand
-    return list(braceexpand.braceexpand(pattern))
-
-
-def _build_wds(pattern: str, *, image_size, in_chans, aug, val_split, split, bad_images, train_images) -> Splits:
+def _build_wds(pattern: str, *, image_size, in_chans, aug, val_split, split, bad_images, train_images,
+               in_memory) -> Splits:
     shards = expand_pattern(pattern)
     local = all("://" not in s and not s.startswith("pipe:") for s in shards)
     if local:
@@ -955,7 +421,7 @@ def _build_wds(pattern: str, *, image_size, in_chans, aug, val_split, split, bad
         if missing:
             raise DataError(f"wds:{pattern}: no such shard {missing[0]}")
     classes_json = Path(shards[0]).parent / "classes.json" if local else None
-    class_names = _read_classes(classes_json) if classes_json and classes_json.is_file() else None
+    class_names = read_classes(classes_json) if classes_json and classes_json.is_file() else None
     counts, shard_keys = None, {}
     if train_images is not None and not local:
         raise DataError(f"wds:{pattern}: train_images needs local shards (their keys are read to choose the subset)")
@@ -963,7 +429,7 @@ def _build_wds(pattern: str, *, image_size, in_chans, aug, val_split, split, bad
         counts = {"train": {}, "val": {}, None: {}}
         max_label = -1
         for shard in shards:
-            keys, labels = _scan_shard(shard, want_labels=class_names is None)
+            keys, labels = scan_shard(shard, want_labels=class_names is None)
             train_keys = [k for k in keys if not in_val_split(k, val_split)] if val_split else keys
             n_val = len(keys) - len(train_keys)
             counts[None][shard], counts["val"][shard], counts["train"][shard] = len(keys), n_val, len(train_keys)
@@ -989,30 +455,38 @@ def _build_wds(pattern: str, *, image_size, in_chans, aug, val_split, split, bad
         train_counts = {s: sum(k in keep for k in keys) for s, keys in shard_keys.items()}
     train = WdsDataset(shards, subset=train_subset, transform=Transform(image_size, in_chans, aug),
                        counts=train_counts, keys=keep, **common)
-    if keep is not None and train_images * in_chans * image_size[0] * image_size[1] <= _IN_MEMORY_BYTES:
-        train = _in_memory(train, Transform(image_size, in_chans, aug), bad_images)
     evaluation = None
     if val_split:
         evaluation = WdsDataset(shards, subset="val", transform=Transform(image_size, in_chans, None),
                                 counts=counts and counts["val"], **common)
+    if in_memory is None:  # local shards whose decoded images fit
+        size = sum(counts[None].values()) * in_chans * image_size[0] * image_size[1] if local else math.inf
+        in_memory = size <= _IN_MEMORY_BYTES
+    if in_memory and not local:
+        raise DataError(f"wds:{pattern}: in_memory needs local shards")
+    if in_memory:
+        train = _in_memory(train, Transform(image_size, in_chans, aug), bad_images)
+        if evaluation is not None:
+            evaluation = _in_memory(evaluation, evaluation.transform, bad_images)
     return Splits(train, evaluation, "val" if evaluation is not None else "none", len(class_names),
                   class_names, len(train) if isinstance(train, MapDataset) else train.num_samples)
 
 
-# A training subset of shards that fits in this many bytes at the model's resolution is decoded once and held in
-# memory: a small subset would otherwise cost a read of every shard per (short) epoch.
+# Local shards whose images fit in this many bytes at the model's resolution are decoded once and held in memory
+# (CIFAR-10's 50,000 at 32 px: 150 MB): an epoch then costs no decoding, the augmentation runs vectorised on whole
+# batches as for the other in-memory sets, and a small training subset does not read every shard each epoch.
 _IN_MEMORY_BYTES = 2 << 30
 
 
 def _in_memory(stream: WdsDataset, transform: Transform, bad_images: str) -> MapDataset:
     """The samples of `stream` decoded once, resized to the model's resolution (no augmentation), in shard order:
-    a map-style set that augments per (seed, epoch, index) as the other map-style sets do."""
+    a map-style set that augments per (seed, epoch, index) as the other map-style sets do (with `transform`)."""
     plain = copy.copy(stream)
     plain.transform = Transform(transform.image_size, transform.in_chans, None)
     plain.configure(shuffle=False, rank=0, world_size=1, even=False)
     items = list(plain)
     if not items:
-        raise DataError(f"every image of the {len(stream.keys)} chosen for training is unreadable")
+        raise DataError(f"every image of {stream.shards[0]}... ({stream.subset or 'all'}) is unreadable")
     images = torch.stack([image for image, _ in items])
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
     dataset = MapDataset(_TensorSource(images, labels), transform, None, bad_images)
@@ -1056,14 +530,14 @@ def make_loader(dataset: Dataset | IterableDataset, batch_size: int, *, shuffle:
     loader_args = dict(batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
                        collate_fn=collate_fn or collate, pin_memory=pin_memory,
                        # DataLoader draws its worker base seed from this, not from the caller's RNG
-                       generator=torch.Generator().manual_seed(_seed_int(seed, epoch, _SALT_LOADER)))
+                       generator=torch.Generator().manual_seed(seed_int(seed, epoch, SALT_LOADER)))
     if isinstance(dataset, IterableDataset):
         if hasattr(dataset, "configure"):
             dataset.configure(shuffle=shuffle, rank=rank, world_size=world_size, even=even)
         return _ResumedLoader(dataset, start_batch=start_batch, **loader_args)
     n = len(dataset)
     if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed_int(seed, epoch, _SALT_ORDER)))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_int(seed, epoch, SALT_ORDER)))
     else:
         order = torch.arange(n)
     if world_size > 1:

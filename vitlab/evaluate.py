@@ -3,15 +3,11 @@ linear few-shot accuracy of frozen features, and the classes a model sees in ima
 
 An evaluator is an object with `run(model) -> dict[str, float]` (big_vision's `evaluators/classification.py`),
 so the training loop calls every evaluator the same way. Batches arrive as uint8 at the model's resolution and
-are normalised here with the mean and std stored in the model's config, as in training.
-
-The `vitlab eval`, `vitlab fewshot` and `vitlab predict` commands are registered from here (`register_cli`).
+are normalised with the mean and std stored in the model's config, as in training (vitlab.runtime.forward).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -21,28 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
-from .model import ConfigError
-from .weights import CheckpointError, atomic_write_text, head_is_zero, load_model, unwrap
-
-# torchvision's import alone takes seconds, so `vitlab.data` is imported where it is used, never at the top of a
-# module the CLI imports to build its parser.
-
-
-def autocast(device: torch.device, precision: str):
-    """The mixed-precision context of a forward pass: bf16 autocast, or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" is bf16 on GPUs and fp32 on CPUs (autocast to bf16 is slow on CPUs without bf16 instructions)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise ConfigError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    return precision
+from . import data
+from .common import CheckpointError, DataError
+from .images import decode_image, eval_transform
+from .runtime import eval_mode, forward, unwrap
+from .transfer import head_is_zero
 
 
 def real_accuracy(predictions: Sequence[int], real: Sequence[Sequence[int]]) -> tuple[float, int]:
@@ -56,36 +37,29 @@ def real_accuracy(predictions: Sequence[int], real: Sequence[Sequence[int]]) -> 
     return sum(int(p) in set(labels) for p, labels in counted) / len(counted), len(counted)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
              real: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
     """Top-1 and top-5 accuracy, mean cross-entropy and the number of images of `loader` (uint8 batches); with
     `real` (the ReaL label sets of the loader's images, in its order) also real_top1 and real_n."""
-    from . import data
-
-    cfg = unwrap(model).cfg
-    was_training = model.training
-    model.eval()
-    k = min(5, cfg.num_classes)
+    k = min(5, unwrap(model).cfg.num_classes)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-k hits
     n = 0
     predictions = []
-    for batch in loader:
-        if batch is None:  # every image of the batch was unreadable and skipped (bad_images="skip")
-            continue
-        images, labels = (t.to(device, non_blocking=True) for t in batch)
-        x = data.normalize(images, cfg.mean, cfg.std)  # (B, C, H, W) float32
-        with autocast(device, precision):
-            logits = model(x)
-        logits = logits.float()
-        hits = logits.topk(k, dim=-1).indices == labels[:, None]  # (B, k)
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(), hits.any(-1).sum()])
-        n += len(labels)
-        if real is not None:
-            predictions.append(logits.argmax(-1).cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in loader:
+            if batch is None:  # every image of the batch was unreadable and skipped (bad_images="skip")
+                continue
+            images, labels = (t.to(device, non_blocking=True) for t in batch)
+            logits = forward(model, images, precision).float()
+            hits = logits.topk(k, dim=-1).indices == labels[:, None]  # (B, k)
+            totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(),
+                                   hits.any(-1).sum()])
+            n += len(labels)
+            if real is not None:
+                predictions.append(logits.argmax(-1).cpu())
     if n == 0:
-        raise data.DataError("the evaluation split holds no readable image")
+        raise DataError("the evaluation split holds no readable image")
     loss, top1, top5 = (totals / n).tolist()
     result = dict(top1=top1, top5=top5, loss=loss, n=n)
     if real is not None:
@@ -103,8 +77,6 @@ class Classification:
 
     def loader(self):
         """The split in order, every image once."""
-        from . import data
-
         return data.make_loader(
             self.dataset, self.batch_size, shuffle=False, seed=0, epoch=0, num_workers=self.num_workers,
             even=False, pin_memory=self.device.type == "cuda",
@@ -114,23 +86,15 @@ class Classification:
         return evaluate(model, self.loader(), self.device, self.precision, self.real)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: nn.Module, paths: list[str], top_k: int = 5,
             precision: str = "fp32") -> list[list[tuple[str, float]]]:
     """For each image file, the `top_k` most probable (class name, probability) pairs, most probable first."""
-    from . import data
-
     cfg = unwrap(model).cfg
-    device = next(model.parameters()).device
-    transform = data.eval_transform(cfg.image_size, cfg.in_chans)  # resize and channels, as evaluation sees them
-    images = torch.stack([transform(data.decode_image(p, cfg.in_chans)) for p in paths])  # (B, C, H, W) uint8
+    transform = eval_transform(cfg.image_size, cfg.in_chans)  # resize and channels, as evaluation sees them
+    images = torch.stack([transform(decode_image(p, cfg.in_chans)) for p in paths])  # (B, C, H, W) uint8
     model.eval()
-    with autocast(device, precision):
-        logits = torch.cat([model(data.normalize(x.to(device), cfg.mean, cfg.std)) for x in images.split(256)])
+    logits = torch.cat([forward(model, x, precision) for x in images.split(256)])
     probs = logits.float().softmax(dim=-1)
     names = cfg.class_names or tuple(str(i) for i in range(cfg.num_classes))
     top = probs.topk(min(top_k, cfg.num_classes), dim=-1)
@@ -198,26 +162,16 @@ def shot_indices(order: list[np.ndarray], shots: int) -> np.ndarray:
     short = [(c, len(idx)) for c, idx in enumerate(order) if len(idx) < shots]
     if short:
         c, n = short[0]
-        from .data import DataError
-
         raise DataError(f"{shots}-shot needs {shots} training images of every class; class {c} has {n}"
                         + (f" ({len(short)} classes have too few)" if len(short) > 1 else ""))
     return np.concatenate([idx[:shots] for idx in order])
 
 
-@torch.no_grad()
-def features(model: nn.Module, dataset, *, batch_size: int, device: torch.device, precision: str = "fp32",
-             indices: Sequence[int] | None = None, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+@torch.inference_mode()
+def features(model: nn.Module, dataset, *, batch_size: int, precision: str = "fp32", indices: Sequence[int] | None = None, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Frozen features (N, F) float32 and labels (N,) of a dataset (or of its `indices`), in its order: the
     pre-logits representation if the model has one, else the [class] token (or the mean token) after the encoder's
-    LayerNorm: `forward_head(forward_features(x), pre_logits=True)`."""
-    from torch.utils.data import DataLoader
-
-    from . import data
-
-    cfg = unwrap(model).cfg
-    was_training = model.training
-    model.eval()
+    LayerNorm: `forward_head(forward_features(x), pre_logits=True)`, on the model's device."""
     if indices is not None:
         loader = DataLoader(dataset, batch_size=batch_size, sampler=list(indices), num_workers=num_workers,
                             collate_fn=data.collate)
@@ -225,28 +179,22 @@ def features(model: nn.Module, dataset, *, batch_size: int, device: torch.device
         loader = data.make_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, num_workers=num_workers,
                                   even=False)
     feats, labels = [], []
-    for images, y in loader:
-        x = data.normalize(images.to(device, non_blocking=True), cfg.mean, cfg.std)
-        with autocast(device, precision):  # bf16 on GPUs: the ridge solve whitens, so 8 mantissa bits suffice
-            f = model.forward_head(model.forward_features(x), pre_logits=True)
-        feats.append(f.float().cpu())
-        labels.append(y)
-    model.train(was_training)
+    with eval_mode(model):
+        for images, y in loader:  # bf16 on GPUs: the ridge solve whitens, so 8 mantissa bits suffice
+            feats.append(forward(model, images, precision, call=_pre_logits(model)).float().cpu())
+            labels.append(y)
     if not feats:
-        raise data.DataError("no image to compute features of")
+        raise DataError("no image to compute features of")
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 
 def fewshot(model: nn.Module, train_set, eval_set, num_classes: int, *, shots: Sequence[int] = (1, 5, 10, 25),
             seeds: Sequence[int] = range(5), l2_reg: float = FEWSHOT_L2_REG, batch_size: int = 256,
-            device: torch.device | None = None, precision: str = "fp32", num_workers: int = 0) -> dict:
+            precision: str = "fp32", num_workers: int = 0) -> dict:
     """Linear few-shot accuracy on `eval_set` for each number of shots: {"results": {k: {"mean", "std",
     "accuracy" (per seed)}}, ...}. Features are computed once: for the eval set, and for the training images some
-    seed draws (all of them when the training set is a stream)."""
-    device = device or next(model.parameters()).device
-    common = dict(batch_size=batch_size, device=device, precision=precision, num_workers=num_workers)
-    from . import data
-
+    seed draws (all of them when the training set is a stream), on the model's device."""
+    common = dict(batch_size=batch_size, precision=precision, num_workers=num_workers)
     labels = data.labels_of(train_set)  # known without decoding: featurise only the drawn images
     orders = {seed: shot_order(labels, num_classes, seed) for seed in seeds} if labels is not None else None
     if orders is not None:
@@ -277,67 +225,28 @@ def fewshot(model: nn.Module, train_set, eval_set, num_classes: int, *, shots: S
                 featurised=int(len(needed)), eval_images=int(len(y_test)), l2_reg=float(l2_reg), seeds=list(seeds))
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The commands
-# --------------------------------------------------------------------------------------------------------------
-
-
-def cmd_eval(args) -> None:
-    from . import data
-
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = _device()
-    model = _classifier(args.ckpt, device)
-    cfg = model.cfg
-    splits = data.build(
-        args.data, image_size=cfg.image_size, in_chans=cfg.in_chans, train_transform=data.TrainAug(),
-        val_split=args.val_split, bad_images=args.bad_images, split=args.split,
-    )
-    if splits.eval is None:
-        raise data.DataError(f"{args.data} has no val or test split; pass --val-split FRACTION")
-    if splits.num_classes != cfg.num_classes:
-        raise ConfigError(f"{args.data} has {splits.num_classes} classes, the model in {args.ckpt} has "
-                          f"{cfg.num_classes}")
-    real = None
-    if args.real_labels:
-        if args.bad_images == "skip":
-            raise ConfigError("--real-labels pairs labels with images by position: not with --bad-images skip")
-        real = read_real_labels(args.real_labels, splits.eval, cfg.num_classes)
-    precision = resolve_precision(args.precision, device)
-    evaluator = Classification(splits.eval, splits.eval_name, batch_size=args.batch_size, device=device,
-                               precision=precision, num_workers=args.num_workers, real=real)
-    result = evaluator.run(model)
-    if args.json:
-        record = dict(result, split=splits.eval_name, data=args.data, checkpoint=str(args.ckpt))
-        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
-    print(f"{splits.eval_name}: {result['n']} images")
-    print(f"loss: {result['loss']:.4f}")
-    print(f"top1: {result['top1']:.4f}")
-    print(f"top5: {result['top5']:.4f}")
-    if real is not None:
-        print(f"ReaL top1: {result['real_top1']:.4f} ({result['real_n']} images with ReaL labels)")
+def _pre_logits(model: nn.Module):
+    """The model's pre-logits representation, the features few-shot evaluation reads."""
+    return lambda x: model.forward_head(model.forward_features(x), pre_logits=True)
 
 
 def read_real_labels(path: Path, dataset, num_classes: int) -> list[list[int]]:
     """The ReaL label sets of `dataset`'s images in its order, from a real.json whose entries follow the sorted
     file names (ILSVRC2012_val_00000001.JPEG, ...), as google-research/reassessed-imagenet publishes it."""
-    from . import data
-
     try:
         real = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise data.DataError(f"{path}: cannot read ReaL labels ({e})") from None
+        raise DataError(f"{path}: cannot read ReaL labels ({e})") from None
     if not isinstance(real, list) or not all(
         isinstance(r, list) and all(isinstance(k, int) and 0 <= k < num_classes for k in r) for r in real
     ):
-        raise data.DataError(f"{path}: expected a list with one list of class indices (0..{num_classes - 1}) per "
-                             "image")
+        raise DataError(f"{path}: expected a list with one list of class indices (0..{num_classes - 1}) per "
+                        "image")
     if not isinstance(dataset, data.MapDataset):
-        raise data.DataError("ReaL labels pair with images by their position: evaluate an indexed split (folder:PATH)"
-                             ", not a stream of shards")
+        raise DataError("ReaL labels pair with images by their position: evaluate an indexed split (folder:PATH)"
+                        ", not a stream of shards")
     if len(real) != len(dataset):
-        raise data.DataError(f"{path} has {len(real)} entries, the evaluation split {len(dataset)} images")
+        raise DataError(f"{path} has {len(real)} entries, the evaluation split {len(dataset)} images")
     names = data.file_names_of(dataset)
     if names is None:  # no files: the images' own order
         return real
@@ -348,14 +257,8 @@ def read_real_labels(path: Path, dataset, num_classes: int) -> list[list[int]]:
     return ordered
 
 
-def _classifier(ckpt, device: torch.device) -> nn.Module:
-    """The checkpoint's model on `device`, refused if its head cannot classify (all zero)."""
-    model = load_model(ckpt).to(device)
-    _refuse_zero_head(model, ckpt)
-    return model
-
-
-def _refuse_zero_head(model: nn.Module, ckpt) -> None:
+def check_classifier(model: nn.Module, ckpt) -> None:
+    """A CheckpointError naming `ckpt` when its model cannot classify: no head, or an all-zero one."""
     if not unwrap(model).cfg.num_classes:
         raise CheckpointError(
             f"{ckpt}: the model has no classification head (num_classes 0, e.g. masked patch prediction's "
@@ -366,103 +269,3 @@ def _refuse_zero_head(model: nn.Module, ckpt) -> None:
             f"{ckpt}: the head is all zero (the official ImageNet-21k checkpoints ship one), so every class scores "
             f"the same: fine-tune a head (vitlab finetune --init {ckpt} ...) or measure the features (vitlab fewshot)"
         )
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def cmd_fewshot(args) -> None:
-    from . import data
-
-    if args.seeds < 1 or args.batch_size < 1 or not args.l2_reg > 0:
-        raise ConfigError("--seeds and --batch-size must be >= 1 and --l2-reg > 0")
-    device = _device()
-    model = load_model(args.ckpt).to(device)
-    cfg = model.cfg
-    splits = data.build(args.data, image_size=cfg.image_size, in_chans=cfg.in_chans, train_transform=None,
-                        val_split=args.val_split, split=args.split)
-    if splits.eval is None:
-        raise data.DataError(f"{args.data} has no val or test split; pass --val-split FRACTION")
-    shots = sorted(set(args.shots))
-    result = fewshot(model, splits.train, splits.eval, splits.num_classes, shots=shots, seeds=range(args.seeds),
-                     l2_reg=args.l2_reg, batch_size=args.batch_size, device=device,
-                     precision=resolve_precision(args.precision, device), num_workers=args.num_workers)
-    kind = "pre-logits" if cfg.representation_size else "[class] token" if cfg.classifier == "token" else "mean-pooled"
-    print(f"{args.ckpt}: {cfg.name or 'ViT'}, {result['feature_dim']}-dim {kind} features; {args.data}: "
-          f"{splits.num_classes} classes, {result['featurised']} of {result['train_images']} training images "
-          f"featurised, {splits.eval_name} {result['eval_images']} images; l2 reg {args.l2_reg:g}, "
-          f"{args.seeds} seed{'s' if args.seeds > 1 else ''}")
-    print(f"{'shots':>5}  {'accuracy':>8}  {'std':>6}")
-    for k, r in result["results"].items():
-        print(f"{k:>5}  {r['mean']:>8.4f}  {r['std']:>6.4f}")
-    if args.json:
-        record = dict(result, results={str(k): v for k, v in result["results"].items()}, data=args.data,
-                      split=splits.eval_name, checkpoint=str(args.ckpt), num_classes=splits.num_classes)
-        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
-
-
-def cmd_predict(args) -> None:
-    if args.top_k < 1:
-        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    device = _device()
-    model = _classifier(args.ckpt, device)
-    results = predict(model, args.images, args.top_k, resolve_precision(args.precision, device))
-    for path, top in zip(args.images, results):
-        print(path)
-        width = max(len(name) for name, _ in top)
-        for name, p in top:
-            print(f"  {name:<{width}}  {p:.4f}")
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    """Add `vitlab eval`, `vitlab fewshot` and `vitlab predict` to the `vitlab` command."""
-    p = sub.add_parser("eval", help="top-1 / top-5 accuracy of a checkpoint on a labelled split")
-    p.add_argument("ckpt", type=Path, help="vitlab checkpoint directory (a training run's DIR), official .npz, or "
-                                         "timm or Hugging Face safetensors")
-    p.add_argument("--data", required=True, help="fashion-mnist, cifar10, cifar100, pets, flowers102, folder:PATH "
-                                                 "or wds:PATTERN")
-    p.add_argument("--split", choices=("test", "val"), default=None, help="default: val if there is one, else test")
-    p.add_argument("--val-split", type=float, default=None,
-                   help="the fraction of the training data cut as val (as in training)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--bad-images", choices=("error", "skip"), default="error")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
-    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
-    p.add_argument("--real-labels", type=Path, default=None, metavar="REAL_JSON",
-                   help="also report ImageNet-ReaL top-1: real.json, one list of labels per validation image in "
-                        "sorted file-name order (images with none are left out)")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("fewshot", help="linear few-shot accuracy of frozen features (closed-form ridge)",
-                       description="The paper's few-shot evaluation: k images per class (drawn per seed), their "
-                                   "frozen features mapped to {-1,1}^K by L2-regularised least squares, accuracy on "
-                                   "the held-out split; mean and std over seeds.")
-    p.add_argument("ckpt", type=Path, help="any checkpoint vitlab loads: run DIR, .npz, timm or Hugging Face")
-    p.add_argument("--data", required=True, help="fashion-mnist, cifar10, cifar100, pets, flowers102, folder:PATH "
-                                                 "or wds:PATTERN")
-    p.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25], help="images per class (default 1,5,10,25)")
-    p.add_argument("--seeds", type=int, default=5, help="draws of the shots, seeds 0..N-1 (default 5)")
-    p.add_argument("--l2-reg", type=float, default=FEWSHOT_L2_REG,
-                   help="the ridge regulariser (default 1024, big_vision's)")
-    p.add_argument("--split", choices=("test", "val"), default=None, help="default: val if there is one, else test")
-    p.add_argument("--val-split", type=float, default=None, help="evaluate on this fraction cut from the training data")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
-    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
-    p.set_defaults(func=cmd_fewshot)
-
-    p = sub.add_parser("predict", help="the most probable classes of image files")
-    p.add_argument("ckpt", type=Path, help="vitlab checkpoint directory (its config.json names the classes)")
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
-    p.set_defaults(func=cmd_predict)

@@ -17,15 +17,14 @@ shows it all with a line on how to read each figure:
 top, the model is run by `attention_statistics`, the figures (matplotlib's object API with the Agg canvas: no
 pyplot, no global backend switched) and the page come after, and `run` ties them together.
 
-Memory stays bounded for any model and image count: the encoder is run block by block here (the token sequence
-of `forward_features` is computed once, then each `block(x, need_weights=True)`), and each layer's attention
-map (B, heads, T, T) is reduced to its distances and folded into the rollout before the next layer runs, so one
-layer's maps of one batch are alive at a time. A test checks the logits equal `model(x)`'s.
+Memory stays bounded for any model and image count: the encoder is run block by block here (the tokens z_0 by the
+model's own `embed` (Eq. 1), then each `block(x, need_weights=True)`), and each layer's attention map
+(B, heads, T, T) is reduced to its distances and folded into the rollout before the next layer runs, so one layer's
+maps of one batch are alive at a time. A test checks the logits equal `model(x)`'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -38,7 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .weights import atomic_write, atomic_write_text, unwrap
+from . import data
+from .common import DataError, atomic_write, atomic_write_text
+from .images import TrainAug, decode_image, eval_transform
+from .runtime import eval_mode, forward, model_device, unwrap
 
 FIGURES = {
     "embedding_filters": "embedding_filters.png",
@@ -149,19 +151,10 @@ def rollout_to_grid(rollout: Tensor, grid: Sequence[int], num_prefix: int) -> Te
 
 def check_inspectable(model: nn.Module) -> None:
     """A ValueError naming what is missing when `model` is not a ViT this module can take apart."""
-    missing = [name for name in ("cfg", "patch_embed", "pos_embed", "blocks", "norm", "forward_head")
+    missing = [name for name in ("cfg", "patch_embed", "pos_embed", "embed", "blocks", "norm", "forward_head")
                if not hasattr(model, name)]
     if missing:
         raise ValueError(f"{type(model).__name__} has no {', '.join(missing)}: not a ViT vitlab can inspect")
-
-
-def _tokens(model: nn.Module, x: Tensor) -> Tensor:
-    """The encoder's input z_0 (Eq. 1), as `forward_features` builds it."""
-    x = model.patch_embed(x)  # (B, N, D)
-    cls_token = getattr(model, "cls_token", None)
-    if cls_token is not None:
-        x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, D)
-    return x + model.pos_embed
 
 
 @torch.no_grad()
@@ -171,17 +164,15 @@ def attention_statistics(model: nn.Module, images: Tensor, *, batch_size: int = 
     Returns `mean_attention_distance` (L, H) in pixels averaged over all images, `rollout` (min(B, keep), h, w)
     for the first `keep` images, and `logits` (B, num_classes) (None for a model without a head).
     """
-    from .data import normalize  # torchvision is slow to import: only when images are inspected
-
     cfg = model.cfg
-    device = next(model.parameters()).device
+    device = model_device(model)
     p = cfg.num_prefix_tokens
     distances = patch_distances(cfg.grid_size, pixel_pitch(cfg)).to(device, torch.float32)
     totals: list[Tensor] = []  # per layer, the distance summed over images (H,)
     rollouts, logits = [], []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(device)
-        x = _tokens(model, normalize(batch, cfg.mean, cfg.std))
+        x = forward(model, batch, call=model.embed)  # z_0, Eq. 1
         rollout = None
         for i, block in enumerate(model.blocks):
             x, attn = block(x, need_weights=True)  # attn (B, H, T, T): reduced here, dropped at the next layer
@@ -514,12 +505,8 @@ def run(model: nn.Module, images: Tensor | None, out_dir: str | Path, *, names: 
             raise ValueError(f"images must be uint8 (B, {cfg.in_chans}, {cfg.image_size[0]}, {cfg.image_size[1]}), "
                              f"got {images.dtype} {tuple(images.shape)}")
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             stats = attention_statistics(model, images, batch_size=batch_size, keep=num_overlays)
-        finally:
-            model.train(was_training)
         distance = stats["mean_attention_distance"]  # (L, H)
         uniform = float(patch_distances(grid, pixel_pitch(cfg)).mean())
         plot_attention_distance(distance, out / FIGURES["attention_distance"], uniform)
@@ -571,16 +558,20 @@ def run(model: nn.Module, images: Tensor | None, out_dir: str | Path, *, names: 
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The command
+# Images to inspect
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _data_images(spec: str, cfg, split: str | None, count: int) -> tuple[Tensor, list[str], list[str], str]:
-    """The first `count` images of a --data spec's evaluation split (its training images when it has none)."""
-    from . import data
+def image_files(paths: Sequence[str], cfg) -> Tensor:
+    """Image files decoded and resized as evaluation sees them: uint8 (B, C, H, W) at the model's resolution."""
+    transform = eval_transform(cfg.image_size, cfg.in_chans)
+    return torch.stack([transform(decode_image(path, cfg.in_chans)) for path in paths])
 
+
+def data_images(spec: str, cfg, split: str | None, count: int) -> tuple[Tensor, list[str], list[str], str]:
+    """The first `count` images of a --data spec's evaluation split (its training images when it has none)."""
     splits = data.build(spec, image_size=cfg.image_size, in_chans=cfg.in_chans, split=split,
-                        train_transform=data.TrainAug(crop="none", flip=False))  # no augmentation if train is used
+                        train_transform=TrainAug(crop="none", flip=False))  # no augmentation if train is used
     dataset, split_name = splits.eval, splits.eval_name
     if dataset is None:
         dataset, split_name = splits.train, "train"
@@ -594,79 +585,9 @@ def _data_images(spec: str, cfg, split: str | None, count: int) -> tuple[Tensor,
         if len(labels) >= count:
             break
     if not labels:
-        raise data.DataError(f"{spec}: the {split_name} split holds no image")
+        raise DataError(f"{spec}: the {split_name} split holds no image")
     images_t = torch.cat(images)[:count]
     labels = labels[:count]
     names = [f"{split_name} #{i}" for i in range(len(labels))]
     label_names = [splits.class_names[j] if 0 <= j < len(splits.class_names) else str(j) for j in labels]
     return images_t, names, label_names, f"the first {len(labels)} images of {spec}'s {split_name} split"
-
-
-def cmd_inspect(args) -> None:
-    from .cli import UserError
-    from .weights import load_model
-
-    for flag in ("num_images", "num_components", "num_overlays", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out}: exists and is not a directory")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.ckpt, image_size=args.image_size, source_grid=args.source_grid,
-                       num_heads=args.num_heads).to(device)
-    try:
-        check_inspectable(model)
-    except ValueError as e:
-        raise UserError(f"{args.ckpt}: {e}") from None
-    cfg = model.cfg
-    images = names = labels = None
-    image_source = None
-    if args.images:
-        from . import data
-
-        transform = data.eval_transform(cfg.image_size, cfg.in_chans)
-        images = torch.stack([transform(data.decode_image(path, cfg.in_chans)) for path in args.images])
-        names = [Path(path).name for path in args.images]
-        image_source = f"{len(names)} image files"
-    elif args.data:
-        images, names, labels, image_source = _data_images(args.data, cfg, args.split, args.num_images)
-    report = run(model, images, args.out, names=names, labels=labels, source=str(args.ckpt),
-                 image_source=image_source, num_components=args.num_components, num_overlays=args.num_overlays,
-                 batch_size=args.batch_size)
-    for key, name in report["figures"].items():
-        print(f"wrote {args.out / name}")
-    for key, reason in report["skipped"].items():
-        print(f"skipped {TITLES[key][3:].lower()}: {reason}")
-    if "mean_attention_distance" in report:
-        per_layer = ", ".join(f"{sum(d) / len(d):.1f}" for d in report["mean_attention_distance"])
-        print(f"mean attention distance per layer (pixels, mean over heads): {per_layer}")
-    print(f"wrote {args.out / JSON_FILE}, {args.out / ARRAYS_FILE}")
-    print(f"open {args.out / PAGE_FILE}")
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    """Add `vitlab inspect` to the `vitlab` command."""
-    from .cli import _size
-
-    p = sub.add_parser("inspect", help="the paper's figures for a checkpoint: filters, position similarity, "
-                                       "attention distance, attention rollout, on one HTML page")
-    p.add_argument("ckpt", type=Path, help="anything vitlab loads: a vitlab checkpoint directory, an official .npz, "
-                                           "timm or Hugging Face ViT safetensors")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--images", nargs="+", metavar="PATH", help="image files for the attention figures")
-    source.add_argument("--data", metavar="SPEC",
-                        help="take images from a data spec's evaluation split: fashion-mnist, cifar10, cifar100, "
-                             "folder:PATH or wds:PATTERN")
-    p.add_argument("--split", choices=("test", "val"), default=None, help="with --data (default: val, else test)")
-    p.add_argument("--num-images", type=int, default=128, help="with --data: how many images (default 128)")
-    p.add_argument("--out", type=Path, required=True, help="output directory (index.html, PNGs, inspect.json)")
-    p.add_argument("--num-components", type=int, default=28, help="principal components shown (default 28)")
-    p.add_argument("--num-overlays", type=int, default=8, help="images shown with their rollout (default 8)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=_size, default=None,
-                   help="inspect at another resolution (position embeddings resized in 2-D)")
-    p.add_argument("--source-grid", type=_size, default=None,
-                   help="HxW patch grid of an .npz whose position embeddings are not a square grid")
-    p.add_argument("--num-heads", type=int, default=None,
-                   help="heads of timm or Hugging Face weights without a config.json (default: width / 64)")
-    p.set_defaults(func=cmd_inspect)

@@ -12,8 +12,8 @@ Read it next to the paper's section 3.1 (Eq. 1-4) and appendix B.1. Numerically 
   (Dense + tanh) the paper uses when pre-training.
 
 The hybrid (section 3.1) is the same model with `resnet_num_layers` set: its patch embedding reads the feature
-map of a ResNet stem (vitlab/resnet.py). Masked patch prediction (appendix B.1.2) adds a [mask] embedding and a
-mean-colour head (`mpp_classes`, `Corruption`, `forward_mpp`).
+map of a ResNet stem (vitlab/resnet.py). Masked patch prediction (appendix B.1.2, vitlab/mpp.py) adds a [mask]
+embedding and a mean-colour head (`mpp_classes`, `forward_mpp`).
 
 Attention goes through `F.scaled_dot_product_attention` (fused kernels); the attention weights are computed
 only for the layers a caller asks for, per call (`model(x, return_attention=[11])`).
@@ -22,82 +22,34 @@ only for the layers a caller asks for, per call (`model(x, return_attention=[11]
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot build a model; the message names the field and its value."""
-
-
-def _pair(value, field: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        return (int(value[0]), int(value[1]))
-    raise ConfigError(f"{field} must be an int or a pair (H, W) of ints, got {value!r}")
-
-
-def check_inputs_and_classes(cfg) -> None:
-    """Check and normalise the fields every model config shares: the input normalisation per channel (None: 0.5,
-    images in [-1, 1]) and the class names."""
-    for field in ("mean", "std"):
-        value = getattr(cfg, field)
-        value = (0.5,) * cfg.in_chans if value is None else tuple(float(v) for v in value)
-        if len(value) != cfg.in_chans:
-            raise ConfigError(f"{field} has {len(value)} values for in_chans {cfg.in_chans}: {value}")
-        setattr(cfg, field, value)
-    if any(s <= 0 for s in cfg.std):
-        raise ConfigError(f"std must be > 0, got {cfg.std}")
-    if cfg.class_names is not None:
-        cfg.class_names = tuple(str(c) for c in cfg.class_names)
-        if cfg.num_classes and len(cfg.class_names) != cfg.num_classes:
-            raise ConfigError(f"class_names has {len(cfg.class_names)} names for num_classes {cfg.num_classes}")
-
-
-class ConfigMethods:
-    """What every model config does besides holding its fields: copies and JSON. A config with a class attribute
-    `family` (BiT's "bit") writes it into its JSON so that a checkpoint says which model it holds."""
-
-    family: str | None = None  # a plain class attribute, not a field
-
-    def replace(self, **changes):
-        """A copy with some fields changed, validated again."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ConfigError(f"unknown {type(self).__name__} field(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        out = {"family": self.family} if self.family else {}
-        for key, value in dataclasses.asdict(self).items():
-            out[key] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        if not isinstance(data, dict):
-            raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "family" or not cls.family}
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-        try:
-            return cls(**data)
-        except TypeError as e:  # a value of the wrong type that the checks did not name
-            raise ConfigError(f"bad {cls.__name__}: {e}") from None
+from .common import Config, ConfigError, check_inputs_and_classes, positive
+from .resnet import (
+    HybridStem,
+    ResNetConfig,
+    ResNetV2,
+    bit_config,
+    check_layers,
+    check_width,
+    hybrid_channels,
+    hybrid_layers,
+    hybrid_stride,
+    is_bit_name,
+    lecun_normal_,
+    resnet_macs,
+    stem_macs,
+)
 
 
 @dataclass
-class ViTConfig(ConfigMethods):
+class ViTConfig(Config):
     """Everything that defines a ViT; saved as `config.json` beside every checkpoint's weights."""
 
     image_size: tuple[int, int] = (224, 224)  # (H, W); an int means square
@@ -108,11 +60,17 @@ class ViTConfig(ConfigMethods):
     num_layers: int = 12  # L
     num_heads: int = 12
     mlp_dim: int = 3072
-    classifier: str = "token"  # "token": the [class] token; "gap": mean of the patch tokens, no [class] token
+    classifier: Literal["token", "gap"] = "token"  # "token": the [class] token; "gap": mean of the patch tokens
     representation_size: int | None = None  # the pre-logits Dense + tanh layer (pre-training heads)
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
-    gelu: str = "tanh"  # "tanh": the official Flax model; "exact": timm and Hugging Face weights
+    # Stochastic depth (Huang et al. 2016; "How to train your ViT", AugReg's `sd`): each block's residual branches
+    # are dropped per image with a rate rising linearly from 0 in the first block to this in the last.
+    stochastic_depth: float = 0.0
+    # "learned": the paper's 1-D embeddings; "sincos2d": fixed 2-D sine-cosine ones (big_vision's posemb="sincos2d",
+    # Beyer et al. 2022), computed from the grid, not trained; the [class] token's is zero.
+    posemb: Literal["learned", "sincos2d"] = "learned"
+    gelu: Literal["tanh", "exact"] = "tanh"  # "tanh": the official Flax model; "exact": timm and Hugging Face
     layer_norm_eps: float = 1e-6
     # The input normalisation the weights expect: official checkpoints take images in [-1, 1].
     mean: tuple[float, ...] | None = None  # None: 0.5 per channel
@@ -128,21 +86,20 @@ class ViTConfig(ConfigMethods):
     # patch's mean colour, one of mpp_classes (512 for 3 bits per RGB channel). 0: a plain classifier.
     mpp_classes: int = 0
 
-    def __post_init__(self):
-        self.image_size = _pair(self.image_size, "image_size")
-        self.patch_size = _pair(self.patch_size, "patch_size")
-        for field in ("in_chans", "hidden_size", "num_layers", "num_heads", "mlp_dim"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{field} must be a positive int, got {value!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ConfigError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
-        if self.resnet_num_layers is not None:
-            from .resnet import _check_layers, _check_width
+    # The fields loaded weights fix: their shapes (transfer.adapt changes the others).
+    ARCHITECTURE = ("patch_size", "in_chans", "hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier",
+                    "posemb", "resnet_num_layers", "resnet_width_factor")
+    RULES = (
+        ("in_chans hidden_size num_layers num_heads mlp_dim representation_size", positive, "a positive int"),
+        ("num_classes mpp_classes", lambda v: v >= 0, "an int >= 0"),
+        ("dropout_rate attention_dropout_rate stochastic_depth", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        ("layer_norm_eps", lambda v: v > 0, "> 0"),
+    )
 
-            _check_layers(self.resnet_num_layers, "resnet_num_layers", allow_empty=True)
-            self.resnet_num_layers = tuple(self.resnet_num_layers)
-            _check_width(self.resnet_width_factor, "resnet_width_factor")
+    def check(self) -> None:
+        if self.resnet_num_layers is not None:
+            check_layers(self.resnet_num_layers, "resnet_num_layers", allow_empty=True)
+            check_width(self.resnet_width_factor, "resnet_width_factor")
         stride = self.stem_stride
         for (h, p, axis) in zip(self.image_size, self.patch_size, ("height", "width")):
             if p < 1 or h < 1 or h % (p * stride):
@@ -152,36 +109,17 @@ class ViTConfig(ConfigMethods):
                     f"image_size {self.image_size} is not a multiple of the hybrid's stem stride {stride} x "
                     f"patch_size {self.patch_size} ({axis} {h} % {p * stride} != 0)"
                 )
-        if not isinstance(self.mpp_classes, int) or isinstance(self.mpp_classes, bool) or self.mpp_classes < 0:
-            raise ConfigError(f"mpp_classes must be an int >= 0, got {self.mpp_classes!r}")
         if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}"
-            )
-        if self.classifier not in ("token", "gap"):
-            raise ConfigError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
-        if self.gelu not in ("tanh", "exact"):
-            raise ConfigError(f"gelu must be 'tanh' or 'exact', got {self.gelu!r}")
-        if self.representation_size is not None and (
-            not isinstance(self.representation_size, int) or self.representation_size < 1
-        ):
-            raise ConfigError(f"representation_size must be a positive int or None, got {self.representation_size!r}")
-        for field in ("dropout_rate", "attention_dropout_rate"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ConfigError(f"{field} must be in [0, 1), got {value!r}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
-            raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+            raise ConfigError(f"num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}")
+        if self.posemb == "sincos2d" and self.hidden_size % 4:
+            raise ConfigError(f"posemb sincos2d needs a hidden_size divisible by 4, got {self.hidden_size}")
         check_inputs_and_classes(self)
 
     @property
     def stem_stride(self) -> int:
         """How much the hybrid's ResNet stem reduces the image before the patches are cut (1: no stem)."""
-        if self.resnet_num_layers is None:
-            return 1
-        from .resnet import hybrid_stride
+        return 1 if self.resnet_num_layers is None else hybrid_stride(self.resnet_num_layers)
 
-        return hybrid_stride(self.resnet_num_layers)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -238,8 +176,6 @@ def variant_config(name: str, **overrides) -> ViTConfig:
         raise ConfigError(f"resnet_num_layers and resnet_width_factor apply to hybrids and BiT ResNets, not to {name} "
                           "(e.g. r50+vit-b/16, bit-r50x1)")
     if match.group(1):  # a hybrid
-        from .resnet import hybrid_layers
-
         depth = match.group(1)[1:]
         stages = next((k for k in (4, 3, 2, 1) if patch % (4 * 2 ** (k - 1)) == 0), None)
         if stages is None:
@@ -259,27 +195,21 @@ def variant_config(name: str, **overrides) -> ViTConfig:
 def model_config(name: str, **overrides):
     """The config of any named model: a ViT or hybrid (`variant_config`) or a BiT ResNet ("bit-r50x1",
     vitlab.resnet.bit_config)."""
-    from . import resnet
-
-    if resnet.is_bit_name(name):
-        return resnet.bit_config(name, **overrides)
+    if is_bit_name(name):
+        return bit_config(name, **overrides)
     return variant_config(name, **overrides)
 
 
 def config_from_dict(data: dict):
     """A ViTConfig, or a ResNetConfig when `data` says "family": "bit" (a checkpoint's config.json)."""
-    from . import resnet
-
     if isinstance(data, dict) and data.get("family") == "bit":
-        return resnet.ResNetConfig.from_dict(data)
+        return ResNetConfig.from_dict(data)
     return ViTConfig.from_dict(data)
 
 
 def build_model(cfg) -> nn.Module:
     """The freshly initialised model a config describes: a VisionTransformer or a BiT ResNetV2."""
-    from . import resnet
-
-    return resnet.ResNetV2(cfg) if isinstance(cfg, resnet.ResNetConfig) else VisionTransformer(cfg)
+    return ResNetV2(cfg) if isinstance(cfg, ResNetConfig) else VisionTransformer(cfg)
 
 
 def create_model(name: str, **overrides) -> nn.Module:
@@ -291,6 +221,27 @@ def create_model(name: str, **overrides) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------------
 # The parts, in the order of the paper's equations.
 # --------------------------------------------------------------------------------------------------------------
+
+
+def posemb_sincos_2d(grid: tuple[int, int], width: int, num_prefix_tokens: int = 0,
+                     temperature: float = 10_000.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings (1, prefix + h*w, D), as big_vision's `posemb_sincos_2d`: a
+    quarter of the width each for sin and cos of the column, then of the row, at frequencies
+    1 / temperature^(k / (D/4 - 1)); the prefix ([class]) tokens get zeros. Computed in float64, stored as float32."""
+    h, w = grid
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    quarter = width // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1))
+    x, y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega  # (h*w, D/4)
+    pe = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+    return torch.cat([torch.zeros(num_prefix_tokens, width, dtype=torch.float64), pe]).float()[None]
+
+
+def drop_path_rates(cfg: ViTConfig) -> list[float]:
+    """Each block's stochastic-depth rate: rising linearly from 0 in the first to cfg.stochastic_depth in the last,
+    as DeiT and timm set it (`torch.linspace(0, rate, depth)`)."""
+    L = cfg.num_layers
+    return [cfg.stochastic_depth * i / max(L - 1, 1) for i in range(L)]
 
 
 class PatchEmbed(nn.Module):
@@ -305,8 +256,6 @@ class PatchEmbed(nn.Module):
         self.backbone = None
         channels = cfg.in_chans
         if cfg.resnet_num_layers is not None:
-            from .resnet import HybridStem
-
             self.backbone = HybridStem(cfg.in_chans, cfg.resnet_num_layers, cfg.resnet_width_factor)
             channels = self.backbone.out_channels
         self.proj = nn.Conv2d(channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -371,21 +320,40 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, a residual branch's output is zeroed for a random `rate` of the images and
+    scaled by 1 / (1 - rate) for the others, so that its expectation is unchanged; the identity in eval."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1.0 - self.rate)  # (B, 1, 1)
+        return x * keep / (1.0 - self.rate)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
 class Block(nn.Module):
     """One pre-LayerNorm encoder layer: Eq. 2 then Eq. 3, a residual connection after each."""
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = Attention(cfg)
         self.drop = nn.Dropout(cfg.dropout_rate)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg)
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         y, weights = self.attn(self.norm1(x), need_weights)
-        x = x + self.drop(y)  # Eq. 2: z'_l = MSA(LN(z_{l-1})) + z_{l-1}
-        x = x + self.mlp(self.norm2(x))  # Eq. 3: z_l = MLP(LN(z'_l)) + z'_l
+        x = x + self.drop_path(self.drop(y))  # Eq. 2: z'_l = MSA(LN(z_{l-1})) + z_{l-1}
+        x = x + self.drop_path(self.mlp(self.norm2(x)))  # Eq. 3: z_l = MLP(LN(z'_l)) + z'_l
         return x, weights
 
 
@@ -409,9 +377,12 @@ class VisionTransformer(nn.Module):
         D = cfg.hidden_size
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.classifier == "token" else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.num_patches, D))
+        if cfg.posemb == "sincos2d":  # fixed: a buffer (saved with the weights, so the npz layout carries it too)
+            self.register_buffer("pos_embed", posemb_sincos_2d(cfg.grid_size, D, cfg.num_prefix_tokens))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.num_patches, D))
         self.pos_drop = nn.Dropout(cfg.dropout_rate)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in drop_path_rates(cfg))
         self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)  # the official `encoder_norm`
         self.pre_logits = PreLogits(D, cfg.representation_size) if cfg.representation_size else nn.Identity()
         self.num_features = cfg.representation_size or D
@@ -440,16 +411,17 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(module.weight)
                     nn.init.zeros_(module.bias)
                 else:  # pre_logits: Flax Dense default, LeCun normal
-                    _lecun_normal_(module.weight)
+                    lecun_normal_(module.weight)
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        _lecun_normal_(self.patch_embed.proj.weight)
+        lecun_normal_(self.patch_embed.proj.weight)
         nn.init.zeros_(self.patch_embed.proj.bias)
         if self.patch_embed.backbone is not None:
             self.patch_embed.backbone.init_weights()
-        nn.init.normal_(self.pos_embed, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.normal_(self.pos_embed, std=0.02)
         if self.cfg.mpp_classes:
             nn.init.normal_(self.mask_token, std=0.02)
         if self.cls_token is not None:
@@ -468,18 +440,23 @@ class VisionTransformer(nn.Module):
             layers.add(int(i) % L)
         return layers
 
-    def forward_features(
-        self, x: torch.Tensor, return_attention: bool | Iterable[int] = False, corruption: "Corruption | None" = None
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The encoder's output after its final LayerNorm, all tokens: (B, N+1, D), or (B, N, D) with "gap".
-        `corruption` replaces patch embeddings before the position embeddings are added (masked patch prediction)."""
-        wanted = self._attention_layers(return_attention)
-        x = self.patch_embed(x)  # (B, N, D), Eq. 1
+    def embed(self, x: torch.Tensor, corruption=None) -> torch.Tensor:
+        """Eq. 1, the encoder's input z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos: (B, N+1, D), or (B, N, D)
+        with "gap". `corruption` (vitlab.mpp.Corruption) replaces patch embeddings before the position embeddings
+        are added (masked patch prediction)."""
+        x = self.patch_embed(x)  # (B, N, D)
         if corruption is not None:
             x = corruption.apply(x, self.mask_token)  # masked patch prediction: some patch embeddings replaced
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, D), x_class
-        x = self.pos_drop(x + self.pos_embed)  # Eq. 1: + E_pos
+        return x + self.pos_embed  # + E_pos
+
+    def forward_features(
+        self, x: torch.Tensor, return_attention: bool | Iterable[int] = False, corruption=None
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The encoder's output after its final LayerNorm, all tokens: (B, N+1, D), or (B, N, D) with "gap"."""
+        wanted = self._attention_layers(return_attention)
+        x = self.pos_drop(self.embed(x, corruption))  # Eq. 1
         maps = {}
         for i, block in enumerate(self.blocks):
             x, weights = block(x, need_weights=i in wanted)
@@ -495,7 +472,7 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool | Iterable[int] = False, corruption: "Corruption | None" = None
+        self, x: torch.Tensor, return_attention: bool | Iterable[int] = False, corruption=None
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Logits (B, num_classes); with `return_attention` also {layer: (B, heads, N', N')} for those layers;
         with `corruption`, masked patch prediction's logits (B, N, mpp_classes) (`forward_mpp`)."""
@@ -506,98 +483,13 @@ class VisionTransformer(nn.Module):
             return self.forward_head(x), maps
         return self.forward_head(self.forward_features(x))
 
-    def forward_mpp(self, x: torch.Tensor, corruption: "Corruption") -> torch.Tensor:
+    def forward_mpp(self, x: torch.Tensor, corruption) -> torch.Tensor:
         """Masked patch prediction: the mean-colour logits (B, N, mpp_classes) of every patch's output token,
         the input's patch embeddings corrupted by `corruption`. The loss reads the corrupted patches' rows."""
         if not self.cfg.mpp_classes:
             raise ConfigError("this model has no masked-patch-prediction head (mpp_classes is 0)")
         tokens = self.forward_features(x, corruption=corruption)
         return self.mpp_head(tokens[:, self.cfg.num_prefix_tokens:])  # (B, N, K)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Masked patch prediction (appendix B.1.2): the self-supervised objective of section 4.6.
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Corruption:
-    """Which patch embeddings of a batch are corrupted and how: `chosen` (B, N) the patches to predict; of those,
-    `masked` replaced by the [mask] embedding, `swapped` by the embedding of patch `source` (a flat index into the
-    batch's B*N patches), and the rest left unchanged."""
-
-    chosen: torch.Tensor  # (B, N) bool
-    masked: torch.Tensor  # (B, N) bool, a subset of chosen
-    swapped: torch.Tensor  # (B, N) bool, a subset of chosen, disjoint from masked
-    source: torch.Tensor  # (B, N) long, in [0, B*N)
-    count: int  # chosen.sum(), known without reading the device
-
-    def split(self, parts: int) -> list["Corruption"]:
-        """The corruption of each micro-batch of x.tensor_split(parts); `source` indexes into the micro-batch.
-
-        A swapped patch whose source lies in another micro-batch takes a patch of its own micro-batch instead
-        (the same position, wrapped), so that every part can be applied alone."""
-        out, start = [], 0
-        B, N = self.chosen.shape
-        for chosen, masked, swapped, source in zip(*(t.tensor_split(parts) for t in (
-                self.chosen, self.masked, self.swapped, self.source))):
-            b = len(chosen)
-            if b == 0:
-                continue
-            local = (source - start * N) % (b * N)
-            out.append(Corruption(chosen, masked, swapped, local, self.count // B * b))
-            start += b
-        return out
-
-    def apply(self, x: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape  # (B, N, D) patch embeddings
-        other = x.reshape(B * N, D)[self.source.flatten()].view(B, N, D)
-        x = torch.where(self.swapped.unsqueeze(-1), other, x)
-        return torch.where(self.masked.unsqueeze(-1), mask_token.to(x.dtype).expand(B, N, D), x)
-
-
-def draw_corruption(batch: int, num_patches: int, generator: torch.Generator | None = None,
-                    device: torch.device | str = "cpu", rate: float = 0.5,
-                    split: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> Corruption:
-    """The paper's corruption: in each image, `rate` (50%) of the patches chosen at random; each chosen one
-    replaced by the [mask] embedding with probability 0.8, by another patch's embedding (any patch of the
-    batch but itself) with 0.1, left unchanged with 0.1. Drawn on the CPU from `generator`, then moved."""
-    count = max(1, round(rate * num_patches))
-    order = torch.rand(batch, num_patches, generator=generator).argsort(dim=1)
-    chosen = torch.zeros(batch, num_patches, dtype=torch.bool)
-    chosen.scatter_(1, order[:, :count], True)
-    u = torch.rand(batch, num_patches, generator=generator)
-    masked = chosen & (u < split[0])
-    swapped = chosen & (u >= split[0]) & (u < split[0] + split[1])
-    total = batch * num_patches
-    own = torch.arange(total).view(batch, num_patches)
-    source = torch.randint(0, max(total - 1, 1), (batch, num_patches), generator=generator)
-    source = source + (source >= own).long() if total > 1 else own  # any patch but the patch itself
-    return Corruption(*(t.to(device) for t in (chosen, masked, swapped, source)), count=batch * count)
-
-
-def mean_colour_targets(images: torch.Tensor, grid: tuple[int, int], bits: int = 3) -> torch.Tensor:
-    """Each token's mean colour, quantised to `bits` bits per channel: the class (B, N) of 2^(bits*C).
-
-    `images` are uint8 (B, C, H, W) (or floats in [0, 1]) at the model's resolution, cut into the model's token
-    `grid` (the patches; a hybrid's stem cells cover stride x patch pixels). Channel c's level is
-    floor(mean * 2^bits), at most 2^bits - 1; the class reads the levels as digits, the first channel most
-    significant (R*64 + G*8 + B).
-    """
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    cell = (x.shape[-2] // grid[0], x.shape[-1] // grid[1])
-    means = F.avg_pool2d(x, cell, cell)  # (B, C, grid_h, grid_w)
-    levels = (means * 2**bits).floor().clamp_(0, 2**bits - 1).long()
-    C = levels.shape[1]
-    weights = torch.tensor([2 ** (bits * (C - 1 - c)) for c in range(C)], device=x.device).view(1, C, 1, 1)
-    return (levels * weights).sum(dim=1).flatten(1)  # (B, N), row-major as the patches
-
-
-def _lecun_normal_(w: torch.Tensor) -> None:
-    """Flax's default kernel init: a normal truncated at 2σ, rescaled so that the variance is 1 / fan_in."""
-    fan_in = w[0].numel()
-    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # the std of a unit normal truncated to [-2, 2]
-    nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -615,18 +507,16 @@ def forward_macs(cfg) -> int:
     """Multiply-adds of one image's forward pass: the matrix products, including attention's QK^T and AV, and a
     hybrid's or a ResNet's convolutions (counted by vitlab.resnet.count_macs). Norms, activations and pooling,
     a few percent at most, are not counted. A masked-patch-prediction model counts its head on every patch."""
-    from . import resnet
-
-    if isinstance(cfg, resnet.ResNetConfig):
-        return resnet.resnet_macs(cfg)
+    if isinstance(cfg, ResNetConfig):
+        return resnet_macs(cfg)
     D, M, L = cfg.hidden_size, cfg.mlp_dim, cfg.num_layers
     N = cfg.num_patches
     T = N + cfg.num_prefix_tokens
     channels = cfg.in_chans
     macs = 0
     if cfg.resnet_num_layers is not None:
-        macs += resnet.stem_macs(cfg.in_chans, cfg.resnet_num_layers, cfg.resnet_width_factor, cfg.image_size)
-        channels = resnet.hybrid_channels(cfg.resnet_num_layers, cfg.resnet_width_factor)
+        macs += stem_macs(cfg.in_chans, cfg.resnet_num_layers, cfg.resnet_width_factor, cfg.image_size)
+        channels = hybrid_channels(cfg.resnet_num_layers, cfg.resnet_width_factor)
     macs += N * D * channels * cfg.patch_size[0] * cfg.patch_size[1]  # Eq. 1
     per_layer = T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * M  # qkv, QK^T and AV, out, MLP
     macs += L * per_layer

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import ConfigError, ConfigMethods, _pair, check_inputs_and_classes
+from .common import Config, ConfigError, check_inputs_and_classes, positive
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -72,6 +72,13 @@ class StdConv2d(nn.Conv2d):
             x = same_padding(x, self.kernel_size[0], self.stride[0])
         w = standardize_weight(self.weight, self.eps, self.form)
         return F.conv2d(x, w, None, self.stride, self.padding)
+
+
+def lecun_normal_(w: torch.Tensor) -> None:
+    """Flax's default kernel init: a normal truncated at 2σ, rescaled so that the variance is 1 / fan_in."""
+    fan_in = w[0].numel()
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # the std of a unit normal truncated to [-2, 2]
+    nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
 
 
 def group_norm(channels: int, eps: float) -> nn.GroupNorm:
@@ -176,11 +183,9 @@ class HybridStem(nn.Module):
     def init_weights(self) -> None:
         """Flax's defaults, as the official model initialises: LeCun-normal kernels, GroupNorm scale 1 and
         bias 0, except the last GroupNorm of each unit, whose scale starts at 0 (each unit starts as identity)."""
-        from .model import _lecun_normal_
-
         for name, m in self.named_modules():
             if isinstance(m, nn.Conv2d):
-                _lecun_normal_(m.weight)
+                lecun_normal_(m.weight)
             elif isinstance(m, nn.GroupNorm):
                 nn.init.zeros_(m.weight) if name.endswith("gn3") else nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -195,7 +200,7 @@ _BIT_GN_EPS = 1e-5
 
 
 @dataclass
-class ResNetConfig(ConfigMethods):
+class ResNetConfig(Config):
     """Everything that defines a BiT ResNet; saved as `config.json` (with "family": "bit")."""
 
     image_size: tuple[int, int] = (224, 224)  # the resolution it trains and evaluates at (any fits the weights)
@@ -209,31 +214,29 @@ class ResNetConfig(ConfigMethods):
     name: str | None = None  # e.g. "BiT-R50x1"
 
     family = "bit"  # config.json says so: {"family": "bit", ...} (a ViT's has no family); not a field
+    # The fields loaded weights fix (transfer.adapt changes the others).
+    ARCHITECTURE = ("num_layers", "width_factor", "in_chans")
+    RULES = (
+        ("in_chans", positive, "a positive int"),
+        ("num_classes", lambda v: v >= 0, "an int >= 0"),
+    )
 
-    def __post_init__(self):
-        self.image_size = _pair(self.image_size, "image_size")
-        if not isinstance(self.in_chans, int) or self.in_chans < 1:
-            raise ConfigError(f"in_chans must be a positive int, got {self.in_chans!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ConfigError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
-        _check_layers(self.num_layers, "num_layers", allow_empty=False)
-        self.num_layers = tuple(self.num_layers)
-        _check_width(self.width_factor, "width_factor")
+    def check(self) -> None:
+        check_layers(self.num_layers, "num_layers", allow_empty=False)
+        check_width(self.width_factor, "width_factor")
         check_inputs_and_classes(self)
         if min(self.image_size) < 32:
             raise ConfigError(f"image_size {self.image_size} is too small for a ResNet (its stride is 32)")
 
 
-def _check_layers(value, field: str, allow_empty: bool) -> None:
-    ok = isinstance(value, (tuple, list)) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-    if not ok or len(value) > 4 or (not value and not allow_empty):
+def check_layers(value: tuple[int, ...], field: str, allow_empty: bool) -> None:
+    if any(v < 1 for v in value) or len(value) > 4 or (not value and not allow_empty):
         raise ConfigError(f"{field} must be {'up to' if allow_empty else '1 to'} 4 positive ints (units per "
                           f"stage), got {value!r}")
 
 
-def _check_width(value, field: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not int(64 * value) >= 1:
+def check_width(value: float, field: str) -> None:
+    if not int(64 * value) >= 1:
         raise ConfigError(f"{field} must be a number with int(64 * {field}) >= 1, got {value!r}")
 
 
