@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import get_type_hints
 
-from .common import USER_ERRORS, ConfigError, UserError, literal_choices
+from .common import USER_ERRORS, ConfigError, UserError, literal_choices, tune_allocator
 from .config import FINE_TUNE, PRESETS, TrainConfig
 from .specs import spec_help
 
@@ -469,6 +470,18 @@ def _add_evaluation(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
+def run() -> None:
+    """The `vitlab` program (the console script and `python -m vitlab`): the allocator tuned before torch loads."""
+    tune_allocator()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `vitlab models | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -484,4 +497,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -67,6 +67,10 @@ class ViTConfig(Config):
     # Stochastic depth (Huang et al. 2016; "How to train your ViT", AugReg's `sd`): each block's residual branches
     # are dropped per image with a rate rising linearly from 0 in the first block to this in the last.
     stochastic_depth: float = 0.0
+    # Patch dropout (Liu et al. 2022; timm's patch_drop_rate): in training, each image keeps a random (1 - rate) of
+    # its patch tokens after the position embeddings are added; the others are left out of the encoder, so a step
+    # costs about that much less. The identity in eval.
+    patch_dropout: float = 0.0
     # "learned": the paper's 1-D embeddings; "sincos2d": fixed 2-D sine-cosine ones (big_vision's posemb="sincos2d",
     # Beyer et al. 2022), computed from the grid, not trained; the [class] token's is zero.
     posemb: Literal["learned", "sincos2d"] = "learned"
@@ -92,7 +96,7 @@ class ViTConfig(Config):
     RULES = (
         ("in_chans hidden_size num_layers num_heads mlp_dim representation_size", positive, "a positive int"),
         ("num_classes mpp_classes", lambda v: v >= 0, "an int >= 0"),
-        ("dropout_rate attention_dropout_rate stochastic_depth", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        ("dropout_rate attention_dropout_rate stochastic_depth patch_dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
         ("layer_norm_eps", lambda v: v > 0, "> 0"),
     )
 
@@ -111,6 +115,8 @@ class ViTConfig(Config):
                 )
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}")
+        if self.patch_dropout and self.mpp_classes:
+            raise ConfigError("patch_dropout does not apply to masked patch prediction, which predicts every patch")
         if self.posemb == "sincos2d" and self.hidden_size % 4:
             raise ConfigError(f"posemb sincos2d needs a hidden_size divisible by 4, got {self.hidden_size}")
         check_inputs_and_classes(self)
@@ -237,6 +243,16 @@ def posemb_sincos_2d(grid: tuple[int, int], width: int, num_prefix_tokens: int =
     return torch.cat([torch.zeros(num_prefix_tokens, width, dtype=torch.float64), pe]).float()[None]
 
 
+def drop_patches(x: torch.Tensor, rate: float, num_prefix_tokens: int) -> torch.Tensor:
+    """Patch dropout: each image's prefix tokens and a random max(1, round((1 - rate) N)) of its N patch tokens,
+    in their order. (B, T, D) -> (B, prefix + kept, D)."""
+    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    B, N, D = patches.shape
+    kept = max(1, round((1.0 - rate) * N))
+    index = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :kept].sort(dim=1).values  # (B, kept)
+    return torch.cat([prefix, patches.gather(1, index[..., None].expand(B, kept, D))], dim=1)
+
+
 def drop_path_rates(cfg: ViTConfig) -> list[float]:
     """Each block's stochastic-depth rate: rising linearly from 0 in the first to cfg.stochastic_depth in the last,
     as DeiT and timm set it (`torch.linspace(0, rate, depth)`)."""
@@ -285,8 +301,11 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # (B, H, N, D_h) each
         dropout_p = self.dropout_p if self.training else 0.0
         weights = None
-        if need_weights or not _fused_pays(q):  # the same maths written out (Eq. 6), softmax in float32
-            weights = ((q * self.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1).to(v.dtype)  # (B, H, N, N)
+        if need_weights or not _fused_pays(q):  # the same maths written out (Eq. 6)
+            # In bf16 the softmax reads bf16 scores but subtracts the max, exponentiates and sums in float32 inside
+            # the kernel, then rounds to bf16, as a float32 softmax rounded for `@ v` would: without the two casts
+            # of a (B, H, N, N) tensor, which cost ~10% of a step at 65 tokens (benchmarks/step_speed.py).
+            weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
             x = F.dropout(weights, dropout_p, self.training) @ v
             weights = weights if need_weights else None
         else:
@@ -457,6 +476,8 @@ class VisionTransformer(nn.Module):
         """The encoder's output after its final LayerNorm, all tokens: (B, N+1, D), or (B, N, D) with "gap"."""
         wanted = self._attention_layers(return_attention)
         x = self.pos_drop(self.embed(x, corruption))  # Eq. 1
+        if self.training and self.cfg.patch_dropout:
+            x = drop_patches(x, self.cfg.patch_dropout, self.cfg.num_prefix_tokens)
         maps = {}
         for i, block in enumerate(self.blocks):
             x, weights = block(x, need_weights=i in wanted)
