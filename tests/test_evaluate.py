@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from datasets import write_cls_shards
 from PIL import Image
 from tiny import TINY, blocks, fashion_dir, tiny_world, world  # noqa: F401 (fixtures)
 
+import vitlab
 from vitlab import cli, common, data, runtime
 from vitlab.config import TrainConfig
 from vitlab.evaluate import (
@@ -125,7 +127,7 @@ def test_predict_prints_class_names_with_probabilities(run, tmp_path, capsys):
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
 
     # predict sees a PNG as evaluation sees the same pixels from the dataset
-    ranked = predict(model, paths, top_k=10)
+    ranked = predict(model, paths, k=10, precision="fp32")
     x = eval_transform((16, 16), 1)(torch.from_numpy(images)[:, None])
     with torch.no_grad():
         probs = model(runtime.normalize(x, model.cfg.mean, model.cfg.std)).softmax(-1)
@@ -143,10 +145,12 @@ def test_predict_on_a_bad_image_is_one_line_naming_it(run, tmp_path, capsys, mak
     good = tmp_path / "good.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(good)
     bad = make(tmp_path)
-    assert cli.main(["predict", str(out), str(good), str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith("vitlab predict: error: ") and str(bad) in err
+    assert cli.main(["predict", str(out), str(good), str(bad)]) == 1  # the good one predicted, the exit code says
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == str(good) and len(captured.out.splitlines()) == 6
+    err = captured.err.strip().splitlines()
+    assert len(err) == 2 and "Traceback" not in captured.err
+    assert err[0].startswith("vitlab predict: error: ") and str(bad) in err[0] and err[0].count(str(bad)) == 1
 
 
 def test_real_accuracy_on_a_hand_made_case():
@@ -304,5 +308,80 @@ def test_eval_on_a_set_without_splits_evaluates_every_image(run, tmp_path, capsy
     assert cli.main(["eval", str(out), "--data", spec, "--json", str(tmp_path / "eval.json")]) == 0
     record = json.loads((tmp_path / "eval.json").read_text())
     assert record["n"] == 40 and record["split"] == "all" and 0 <= record["top1"] <= 1
-    assert capsys.readouterr().out.splitlines()[0] == "all: 40 images"
+    printed = capsys.readouterr().out.splitlines()
+    assert "all: 40 images" in printed
+    assert as_folder == any(line.startswith("note: ") and "names its classes by number only" in line for line in printed)
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The surface a user meets: Python inference, labels matched by name, predict on many files
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_classify_an_image_in_python_as_the_cli_does(run, tmp_path, capsys):
+    out, _ = run
+    image, _ = blocks(1, seed=9)
+    path = tmp_path / "shoe.png"
+    Image.fromarray(image[0]).save(path)
+    model = vitlab.load_model(out)
+    top = vitlab.predict(model, str(path), k=3)  # what the README's quick start does
+    assert cli.main(["predict", str(out), str(path), "--top-k", "3"]) == 0
+    printed = [line.rsplit(None, 1) for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(name.strip(), f"{p:.4f}") for name, p in top] == [(name.strip(), p) for name, p in printed]
+    # every kind of input gives the same answer: a path, a PIL image, a uint8 tensor, a float tensor in [0, 1]
+    pil = Image.open(path)
+    as_uint8 = torch.from_numpy(image[0])[None]
+    for same in (pil, as_uint8, as_uint8.float() / 255):
+        assert vitlab.predict(model, same, k=3) == top
+    assert len(vitlab.predict(model, [str(path), pil], k=2)) == 2
+    x = vitlab.preprocess(model)(pil)  # what the model takes: resized, normalised with its statistics
+    assert x.shape == (1, 16, 16) and x.dtype == torch.float32
+    with torch.no_grad():
+        probs = model(x[None]).softmax(-1)[0]
+    assert probs.argmax().item() == model.cfg.class_names.index(top[0][0])
+
+
+def test_eval_matches_class_folders_to_the_models_classes_by_name(run, tmp_path, capsys):
+    out, _ = run
+    model = load_model(out)
+    images, labels = blocks(30, seed=11)
+    root = tmp_path / "set"
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / model.cfg.class_names[label].replace("/", "_")  # "T-shirt/top" cannot be a folder name
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    assert cli.main(["eval", str(out), "--data", f"folder:{root}", "--precision", "fp32", "--json",
+                     str(tmp_path / "by_name.json")]) == 0
+    by_name = json.loads((tmp_path / "by_name.json").read_text())
+    x = torch.stack([eval_transform((16, 16), 1)(torch.from_numpy(image)[None]) for image in images])
+    with torch.no_grad():
+        expected = (model(runtime.normalize(x, model.cfg.mean, model.cfg.std)).argmax(-1) == torch.tensor(labels))
+    assert by_name["n"] == 30 and by_name["top1"] == pytest.approx(expected.float().mean().item())
+    capsys.readouterr()
+    (root / "Rowboat").mkdir()
+    Image.fromarray(images[0]).save(root / "Rowboat" / "x.png")
+    assert cli.main(["eval", str(out), "--data", f"folder:{root}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "classes ['Rowboat'] are not among the model's 10" in err[0]
+
+
+def test_predict_on_many_files_loses_nothing(run, tmp_path, capsys):
+    out, _ = run
+    images, _ = blocks(2, seed=4)
+    (tmp_path / "dir").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / "dir" / f"good{i}.png")
+    (tmp_path / "dir" / "truncated.png").write_bytes((tmp_path / "dir" / "good0.png").read_bytes()[:60])
+    (tmp_path / "notes.txt").write_text("not an image")
+    argv = ["predict", str(out), str(tmp_path / "dir"), str(tmp_path / "notes.txt"), "--json", str(tmp_path / "p.json")]
+    assert cli.main(argv) == 1  # some failed
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0::6] == [str(tmp_path / "dir" / "good0.png"), str(tmp_path / "dir" / "good1.png")]
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 3 and "truncated.png" in errors[0] and "notes.txt" in errors[1]
+    assert "2 of 4 images could not be read" in errors[2] and "BytesIO" not in captured.err
+    records = json.loads((tmp_path / "p.json").read_text())
+    assert [Path(r["file"]).name for r in records] == ["good0.png", "good1.png", "truncated.png", "notes.txt"]
+    assert len(records[0]["predictions"]) == 5 and set(records[0]["predictions"][0]) == {"label", "index", "probability"}
+    assert "error" in records[2] and "predictions" not in records[2]

@@ -23,6 +23,8 @@ _EXPORTS = {
     "export_npz": "formats",
     "load_model": "weights",
     "model_config": "model",
+    "predict": "evaluate",
+    "preprocess": "evaluate",
     "resize_pos_embed": "transfer",
     "save_checkpoint": "weights",
     "variant_config": "model",

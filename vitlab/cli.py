@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import get_type_hints
 
-from .common import USER_ERRORS, ConfigError, UserError, literal_choices, tune_allocator
+from .common import USER_ERRORS, ConfigError, DataError, UserError, literal_choices, tune_allocator
 from .config import FINE_TUNE, PRESETS, TrainConfig
 from .specs import spec_help
 
@@ -30,6 +30,13 @@ def _size(text: str) -> tuple[int, int]:
     if len(parts) == 2:
         return (parts[0], parts[1])
     raise argparse.ArgumentTypeError(f"image size must be N or HxW, got {text!r}")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -48,6 +55,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_models(args) -> None:
+    from .common import atomic_write_text
     from .model import forward_flops, model_config, model_table, num_params
     from .resnet import ResNetConfig
 
@@ -60,30 +68,41 @@ def cmd_models(args) -> None:
             f"{r['name']:<10} {r['hidden_size']:>6} {r['num_layers']:>6} {r['num_heads']:>6} {r['mlp_dim']:>6} "
             f"{r['tokens']:>7} {r['params']:>14,} {r['gflops']:>9.2f}"
         )
-    print(f"\nThe paper's baselines and hybrids at {h}x{w} (`--model NAME`; a hybrid's number is its effective patch)")
-    print(f"{'name':<14} {'ResNet stages':<16} {'tokens':>7} {'params':>14} {'GFLOPs':>9}")
+    others = []
     for name in ("bit-r26x1", "bit-r50x1", "r+vit-ti/16", "r26+vit-s/32", "r50+vit-b/16", "r50+vit-l/32"):
         try:
             cfg = model_config(name, image_size=args.image_size, num_classes=args.num_classes)
-        except ConfigError:  # an image size the hybrid's stride does not divide
+        except ConfigError:  # an image size the hybrid's stride does not divide, or too small for a ResNet
             continue
         hybrid = not isinstance(cfg, ResNetConfig)
         stages = cfg.resnet_num_layers if hybrid else cfg.num_layers
-        tokens = cfg.num_patches + cfg.num_prefix_tokens if hybrid else "-"
-        print(f"{cfg.name:<14} {str(tuple(stages)) if stages else 'root only':<16} {tokens:>7} {num_params(cfg):>14,} "
-              f"{forward_flops(cfg) / 1e9:>9.2f}")
+        others.append(dict(name=cfg.name, stages=list(stages), params=num_params(cfg), gflops=forward_flops(cfg) / 1e9,
+                           tokens=cfg.num_patches + cfg.num_prefix_tokens if hybrid else None))
+    if others:
+        print(f"\nThe paper's baselines and hybrids at {h}x{w} (`--model NAME`; a hybrid's number is its effective patch)")
+        print(f"{'name':<14} {'ResNet stages':<16} {'tokens':>7} {'params':>14} {'GFLOPs':>9}")
+        for r in others:
+            stages = str(tuple(r["stages"])) if r["stages"] else "root only"
+            print(f"{r['name']:<14} {stages:<16} {r['tokens'] or '-':>7} {r['params']:>14,} {r['gflops']:>9.2f}")
+    else:
+        print(f"\n(no hybrid or BiT ResNet fits {h}x{w}: their strides are 16 to 32)")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(dict(image_size=[h, w], vit=rows, others=others), indent=2) + "\n")
 
 
 def cmd_convert(args) -> None:
     from .transfer import head_is_zero
     from .weights import load_model, save_checkpoint
 
+    out = _out(args)
+    overrides = dict(mean=args.mean, std=args.std, class_names=_class_names(args.class_names))
     model = load_model(args.src, image_size=args.image_size, num_classes=args.num_classes, gelu=args.gelu,
-                       pos_embed_interp=args.pos_embed_interp, source_grid=args.source_grid, num_heads=args.num_heads)
+                       pos_embed_interp=args.pos_embed_interp, source_grid=args.source_grid,
+                       num_heads=args.source_num_heads, **{k: v for k, v in overrides.items() if v is not None})
     if head_is_zero(model) and args.num_classes is None:
         print(f"note: the head of {args.src} is all zero (as in the official ImageNet-21k checkpoints): every class "
               "scores the same until a head is fine-tuned (vitlab finetune)")
-    out = save_checkpoint(model, args.out)
+    out = save_checkpoint(model, out)
     cfg = model.cfg
     if not hasattr(cfg, "hidden_size"):  # a BiT ResNet (a vitlab checkpoint converted to itself)
         print(f"wrote {out}: {cfg.name or 'BiT ResNet'}, stages {cfg.num_layers}, width factor {cfg.width_factor}, "
@@ -98,15 +117,34 @@ def cmd_convert(args) -> None:
         f"{cfg.patch_size[0]}x{cfg.patch_size[1]}, image {cfg.image_size[0]}x{cfg.image_size[1]}, "
         f"{cfg.num_classes} classes, classifier {cfg.classifier}, representation_size {cfg.representation_size}, "
         f"gelu {cfg.gelu}, normalisation mean {cfg.mean} std {cfg.std}"
+        + ("" if cfg.class_names else "; no class names: predictions show class numbers (--class-names FILE)")
     )
 
 
+def _class_names(path: Path | None) -> tuple[str, ...] | None:
+    """Class names from a file: a JSON list, or one name per line."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"--class-names {path}: cannot read it ({e.strerror})") from None
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"--class-names {path}: expected a JSON list of names or one name per line")
+    return tuple(names)
+
+
 def cmd_export(args) -> None:
-    from .formats import export_npz
+    from .formats import export_npz, sidecar_path
     from .weights import load_model
 
-    path = export_npz(load_model(args.ckpt), args.out)
-    print(f"wrote {path} (official vit_jax layout)")
+    path = export_npz(load_model(args.ckpt), _out(args))
+    print(f"wrote {path} (official vit_jax layout) and {sidecar_path(path)} (image size, normalisation, class names, "
+          "GELU form: what the official layout has no place for; load_model and convert read it back)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -145,7 +183,12 @@ def cmd_train(args, defaults: tuple[str, dict] | None = None) -> None:
         layers.append(("command line", overrides))
     cfg = make_config(*layers)
     try:
-        train(cfg, resume=bool(args.resume))
+        results = train(cfg, resume=bool(args.resume))
+        if args.json and int(os.environ.get("RANK", 0)) == 0:
+            from .common import atomic_write_text
+
+            record = dict(results, run=cfg.out, data=cfg.eval_data or cfg.data)
+            atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
     except TrainingStopped as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"vitlab {args.command}: {e}", file=sys.stderr)
@@ -178,7 +221,8 @@ def cmd_eval(args) -> None:
     dataset, split, class_names = data.build_eval(args.data, image_size=cfg.image_size, in_chans=cfg.in_chans,
                                                   split=args.split, val_split=args.val_split,
                                                   bad_images=args.bad_images)
-    if len(class_names) != cfg.num_classes:
+    label_map = data.match_classes(class_names, cfg.class_names, args.data)
+    if label_map is None and len(class_names) != cfg.num_classes:
         raise ConfigError(f"{args.data} has {len(class_names)} classes, the model in {args.ckpt} has "
                           f"{cfg.num_classes}")
     real = None
@@ -188,7 +232,8 @@ def cmd_eval(args) -> None:
         real = read_real_labels(args.real_labels, dataset, cfg.num_classes)
     predictor = Predictor(model, args.precision, device)  # the fastest inference settings: weights cast once
     evaluator = Classification(dataset, split, batch_size=args.batch_size, device=device,
-                               precision=predictor.precision, num_workers=args.num_workers, real=real)
+                               precision=predictor.precision, num_workers=args.num_workers, real=real,
+                               label_map=label_map)
     result = evaluator.run(predictor.model)
     if args.json:
         record = dict(result, split=split, data=args.data, checkpoint=str(args.ckpt))
@@ -209,6 +254,13 @@ def _classifier(ckpt, device):
     model = load_model(ckpt).to(device)
     check_classifier(model, ckpt)
     return model
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -236,10 +288,11 @@ def cmd_fewshot(args) -> None:
     cfg = model.cfg
     splits = data.build(args.data, image_size=cfg.image_size, in_chans=cfg.in_chans, train_transform=None,
                         val_split=args.val_split, split=args.split)
-    eval_set, eval_name = splits.eval, splits.eval_name
-    if args.eval_data is not None:  # the evaluation images from another set of the same classes
+    eval_set, eval_name, eval_label_map = splits.eval, splits.eval_name, None
+    if args.eval_data is not None:  # the evaluation images from another set of the same classes, matched by name
         eval_set, eval_name, names = data.build_eval(args.eval_data, image_size=cfg.image_size, in_chans=cfg.in_chans)
-        if len(names) != splits.num_classes:
+        eval_label_map = data.match_classes(names, splits.class_names, args.eval_data)
+        if eval_label_map is None and len(names) != splits.num_classes:
             raise data.DataError(f"{args.eval_data} has {len(names)} classes, {args.data} {splits.num_classes}")
     if eval_set is None:
         raise data.DataError(f"{args.data} has no val or test split; pass --val-split FRACTION or --eval-data SPEC")
@@ -247,7 +300,7 @@ def cmd_fewshot(args) -> None:
     predictor = Predictor(model, args.precision, device)
     result = fewshot(predictor.model, splits.train, eval_set, splits.num_classes, shots=shots, seeds=range(args.seeds),
                      l2_reg=args.l2_reg, batch_size=args.batch_size,
-                     precision=predictor.precision, num_workers=args.num_workers)
+                     precision=predictor.precision, num_workers=args.num_workers, eval_label_map=eval_label_map)
     kind = "pre-logits" if cfg.representation_size else "[class] token" if cfg.classifier == "token" else "mean-pooled"
     print(f"{args.ckpt}: {cfg.name or 'ViT'}, {result['feature_dim']}-dim {kind} features; {args.data}: "
           f"{splits.num_classes} classes, {result['featurised']} of {result['train_images']} training images "
@@ -263,24 +316,70 @@ def cmd_fewshot(args) -> None:
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
 
 
-def cmd_predict(args) -> None:
-    from .evaluate import predict
+def cmd_predict(args) -> int:
+    import torch
+
+    from .common import atomic_write_text
+    from .evaluate import preprocess, top_classes
     from .runtime import Predictor, default_device
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    paths = _image_paths(args.images)
     device = default_device()
     model = _classifier(args.ckpt, device)
-    predictor = Predictor(model, args.precision, device)
-    results = predict(predictor.model, args.images, args.top_k, predictor.precision)
-    for path, top in zip(args.images, results):
-        print(path)
-        width = max(len(name) for name, _ in top)
-        for name, p in top:
+    predictor, prep = Predictor(model, args.precision, device), preprocess(model)
+    records, good, images = [], [], []
+    for path in paths:  # each file on its own: one that cannot be read costs only its own line
+        try:
+            images.append(prep.uint8(path))
+        except DataError as e:
+            print(f"vitlab predict: error: {e}", file=sys.stderr)
+            records.append(dict(file=path, error=str(e)))
+            continue
+        records.append(dict(file=path))
+        good.append(records[-1])
+    tops = top_classes(predictor, torch.stack(images), args.top_k) if images else []
+    for record, top in zip(good, tops):
+        record["predictions"] = [dict(label=name, index=i, probability=p) for i, name, p in top]
+        print(record["file"])
+        width = max(len(name) for _, name, _ in top)
+        for _, name, p in top:
             print(f"  {name:<{width}}  {p:.4f}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
+    failed = len(records) - len(good)
+    if failed:
+        print(f"vitlab predict: {failed} of {len(records)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _image_paths(items: list[str]) -> list[str]:
+    """Files as given; directories as the image files in them (sorted, not recursive); glob patterns expanded."""
+    import glob
+
+    from .images import IMAGE_EXTENSIONS
+
+    paths = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise UserError(f"{item}: a directory without image files ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        elif glob.has_magic(item) and not os.path.exists(item):
+            found = sorted(glob.glob(item))
+            if not found:
+                raise UserError(f"{item}: no file matches")
+            paths += found
+        else:
+            paths.append(item)
+    return paths
 
 
 def cmd_inspect(args) -> None:
+    import shutil
+
     import torch
 
     from .inspect import ARRAYS_FILE, JSON_FILE, PAGE_FILE, TITLES, check_inspectable, data_images, image_files, run
@@ -291,9 +390,14 @@ def cmd_inspect(args) -> None:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out}: exists and is not a directory")
+    if args.images and args.image_flag:
+        raise UserError("give the images as arguments or after --images, not both")
+    paths = args.images or args.image_flag
+    if paths and args.data:
+        raise UserError("take images from files or from --data, not both")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.ckpt, image_size=args.image_size, source_grid=args.source_grid,
-                       num_heads=args.num_heads).to(device)
+                       num_heads=args.source_num_heads).to(device)
     try:
         check_inspectable(model)
     except ValueError as e:
@@ -301,9 +405,9 @@ def cmd_inspect(args) -> None:
     cfg = model.cfg
     images = names = labels = None
     image_source = None
-    if args.images:
-        images = image_files(args.images, cfg)
-        names = [Path(path).name for path in args.images]
+    if paths:
+        images = image_files(_image_paths(paths), cfg)
+        names = [Path(path).name for path in _image_paths(paths)]
         image_source = f"{len(names)} image files"
     elif args.data:
         images, names, labels, image_source = data_images(args.data, cfg, args.split, args.num_images)
@@ -318,80 +422,133 @@ def cmd_inspect(args) -> None:
         per_layer = ", ".join(f"{sum(d) / len(d):.1f}" for d in report["mean_attention_distance"])
         print(f"mean attention distance per layer (pixels, mean over heads): {per_layer}")
     print(f"wrote {args.out / JSON_FILE}, {args.out / ARRAYS_FILE}")
+    if args.json:
+        shutil.copyfile(args.out / JSON_FILE, args.json)
     print(f"open {args.out / PAGE_FILE}")
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The parser
+# The parser. One convention for every command: the inputs positional, the output --out (the positional OUT of
+# convert and export kept as an alias), --json wherever a command measures or predicts, every default in --help.
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer (Dosovitskiy et al., 2021).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default unless its help already says it or there is none to show."""
 
-    p = sub.add_parser("models", help="list the ViT variants, hybrids and BiT ResNets with their sizes and cost")
-    p.add_argument("--image-size", type=_size, default=(224, 224), help="N or HxW (default 224)")
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS, []) and (
+                "default" not in text):
+            shown = ",".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+            text += f" (default: {shown})"
+        return text
+
+
+CHECKPOINT_HELP = ("a vitlab checkpoint or run directory, an official .npz, or timm or Hugging Face safetensors (a file, "
+                   "or the directory holding it and its config.json)")
+PRECISION_HELP = "auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="vitlab", description="The Vision Transformer (Dosovitskiy et al., 2021).",
+                                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = lambda name, **kw: sub.add_parser(name, formatter_class=_Help, **kw)  # noqa: E731
+
+    p = command("models", help="list the ViT variants, hybrids and BiT ResNets with their sizes and cost")
+    p.add_argument("--image-size", type=_size, default=(224, 224), help="N or HxW")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--patch", type=int, default=None, help="patch size for every row (default: 16, 14 for ViT-H)")
+    p.add_argument("--json", type=Path, default=None, help="also write the table to this JSON file")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("convert",
-                       help="convert an official .npz, timm or Hugging Face weights into a vitlab checkpoint")
-    p.add_argument("src", help="official vit_jax .npz file, a vitlab checkpoint directory, or a timm or Hugging Face "
-                               "ViT in safetensors (a file, or the directory holding it and its config.json)")
-    p.add_argument("out", help="output directory (config.json + model.safetensors)")
+    p = command("convert", help="convert an official .npz, timm or Hugging Face weights into a vitlab checkpoint")
+    p.add_argument("src", help=CHECKPOINT_HELP)
+    _add_out(p, "output directory (config.json + model.safetensors)")
     p.add_argument("--image-size", type=_size, default=None, help="new resolution: position embeddings resized in 2-D")
     p.add_argument("--num-classes", type=int, default=None, help="a new zero-initialised head with this many classes")
     p.add_argument("--gelu", choices=("tanh", "exact"), default=None, help="GELU form (official weights: tanh)")
+    p.add_argument("--mean", type=_float_list, default=None,
+                   help="the input normalisation's mean per channel, for a file that does not record it (0.5: [-1, 1])")
+    p.add_argument("--std", type=_float_list, default=None, help="its std per channel")
+    p.add_argument("--class-names", type=Path, default=None, metavar="FILE",
+                   help="the class names, one per line or a JSON list, for a file that does not record them")
     p.add_argument("--pos-embed-interp", choices=("bilinear", "bicubic"), default="bilinear",
-                   help="position-embedding resizing: bilinear as the official code (default), or bicubic as timm")
-    p.add_argument("--source-grid", type=_size, default=None,
-                   help="HxW patch grid of an .npz whose position embeddings are not a square grid")
-    p.add_argument("--num-heads", type=int, default=None,
-                   help="heads of timm or Hugging Face weights without a config.json (default: width / 64)")
+                   help="position-embedding resizing: bilinear as the official code, or bicubic as timm")
+    _add_source_hints(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="write a checkpoint in the official vit_jax .npz layout")
-    p.add_argument("ckpt", help="vitlab checkpoint directory or .npz")
-    p.add_argument("out", help="output .npz file")
+    p = command("export", help="write a checkpoint in the official vit_jax .npz layout (and NAME.npz.json beside it)")
+    p.add_argument("ckpt", help=CHECKPOINT_HELP)
+    _add_out(p, "output .npz file")
     p.set_defaults(func=cmd_export)
 
-    _add_training(sub)
-    _add_evaluation(sub)
+    _add_training(command)
+    _add_evaluation(command)
     return parser
 
 
-def _add_training(sub) -> None:
+def _add_out(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("out_positional", nargs="?", type=Path, default=None, metavar="OUT", help="the same as --out")
+    p.add_argument("--out", type=Path, default=None, help=help)
+
+
+def _out(args) -> Path:
+    """--out, or the positional OUT of convert and export."""
+    if args.out and args.out_positional and args.out != args.out_positional:
+        raise UserError(f"two outputs: {args.out_positional} and --out {args.out}")
+    out = args.out or args.out_positional
+    if out is None:
+        raise UserError("--out is required")
+    return out
+
+
+def _add_source_hints(p: argparse.ArgumentParser) -> None:
+    """What a checkpoint file may not say about itself, for the commands that load one."""
+    p.add_argument("--source-grid", type=_size, default=None,
+                   help="HxW patch grid of an .npz whose position embeddings are not a square grid")
+    p.add_argument("--source-num-heads", type=int, default=None,
+                   help="heads of timm or Hugging Face weights without a config.json (default: width / 64)")
+
+
+def _add_training(command) -> None:
     """`vitlab train` and `vitlab finetune`: one flag per TrainConfig field, plus --config and --resume (and
-    --preset for train)."""
-    p = sub.add_parser(
-        "train", help="train a ViT (from scratch, or continue a run with --resume)",
-        description="Train a ViT. Settings come from the defaults, then --preset, then --config FILE.yaml, then flags.",
-    )
+    --preset for train), each with the default of its command."""
+    p = command("train", help="train a ViT (from scratch, or continue a run with --resume)",
+                description="Train a ViT. Settings come from the defaults, then --preset, then --config FILE.yaml, "
+                            "then flags.")
     p.add_argument("--preset", default=None, help=f"start from a preset: {', '.join(PRESETS)}")
-    _add_run_flags(p)
+    _add_run_flags(p, {})
     p.set_defaults(func=cmd_train)
 
     defaults = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in FINE_TUNE.items())
-    p = sub.add_parser(
-        "finetune", help="fine-tune pretrained weights (--init) on new data at a new resolution",
-        description="Fine-tune as the paper does (appendix B.1.1): the weights of --init with a new zero head, the "
-                    "pre-logits layer dropped, the position embeddings interpolated to --image-size; the training "
-                    f"loop of `vitlab train` with other defaults ({defaults}), then --config FILE.yaml, then flags.",
-    )
-    _add_run_flags(p)
+    p = command("finetune", help="fine-tune pretrained weights (--init) on new data at a new resolution",
+                description="Fine-tune as the paper does (appendix B.1.1): the weights of --init with a new zero head, "
+                            "the pre-logits layer dropped, the position embeddings interpolated to --image-size; the "
+                            f"training loop of `vitlab train` with other defaults ({defaults}), then --config "
+                            "FILE.yaml, then flags.")
+    _add_run_flags(p, FINE_TUNE)
     p.set_defaults(func=cmd_finetune)
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
+def _add_run_flags(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--config", type=Path, default=None, help="a YAML file of TrainConfig fields")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR where it stopped")
+    p.add_argument("--json", type=Path, default=None, help="also write the last evaluation to this JSON file")
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help = f.metadata.get("help", "")
-        if hints[f.name] is bool:
+        default = defaults.get(f.name, f.default)
+        if f.name in defaults and "default" in help:  # the field's own default is not this command's
+            help = help.split(" (default")[0].split("; default")[0]
+        if default is not None and "default" not in help and "required" not in help:
+            help += f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
+        if hints[f.name] is bool or hints[f.name] == bool | None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:  # parsed against the field's type by TrainConfig itself, so that errors name the field
             choices = literal_choices(hints[f.name])
@@ -399,11 +556,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help)
 
 
-def _add_evaluation(sub) -> None:
+def _add_evaluation(command) -> None:
     """`vitlab eval`, `vitlab fewshot`, `vitlab predict` and `vitlab inspect`."""
-    p = sub.add_parser("eval", help="top-1 / top-5 accuracy of a checkpoint on a labelled split")
-    p.add_argument("ckpt", type=Path, help="vitlab checkpoint directory (a training run's DIR), official .npz, or "
-                                         "timm or Hugging Face safetensors")
+    p = command("eval", help="top-1 / top-5 accuracy of a checkpoint on a labelled set",
+                description="Top-1 and top-5 accuracy on a data spec's val or test split, or on all of a set that has "
+                            "neither (WebDataset shards, a folder of class folders).")
+    p.add_argument("ckpt", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help=spec_help("the data to evaluate on"))
     p.add_argument("--split", choices=("test", "val"), default=None, help="default: val if there is one, else test")
     p.add_argument("--val-split", type=float, default=None,
@@ -411,22 +569,21 @@ def _add_evaluation(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--bad-images", choices=("error", "skip"), default="error")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=PRECISION_HELP)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--real-labels", type=Path, default=None, metavar="REAL_JSON",
                    help="also report ImageNet-ReaL top-1: real.json, one list of labels per validation image in "
                         "sorted file-name order (images with none are left out)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("fewshot", help="linear few-shot accuracy of frozen features (closed-form ridge)",
-                       description="The paper's few-shot evaluation: k images per class (drawn per seed), their "
-                                   "frozen features mapped to {-1,1}^K by L2-regularised least squares, accuracy on "
-                                   "the held-out split; mean and std over seeds.")
-    p.add_argument("ckpt", type=Path, help="any checkpoint vitlab loads: run DIR, .npz, timm or Hugging Face")
+    p = command("fewshot", help="linear few-shot accuracy of frozen features (closed-form ridge)",
+                description="The paper's few-shot evaluation: k images per class (drawn per seed), their frozen "
+                            "features mapped to {-1,1}^K by L2-regularised least squares, accuracy on the held-out "
+                            "split; mean and std over seeds.")
+    p.add_argument("ckpt", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help=spec_help("the data to evaluate on"))
-    p.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25], help="images per class (default 1,5,10,25)")
-    p.add_argument("--seeds", type=int, default=5, help="draws of the shots, seeds 0..N-1 (default 5)")
+    p.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25], help="images per class")
+    p.add_argument("--seeds", type=int, default=5, help="draws of the shots, seeds 0..N-1")
     p.add_argument("--l2-reg", type=float, default=None, help="the ridge regulariser (default 1024, big_vision's)")
     p.add_argument("--split", choices=("test", "val"), default=None, help="default: val if there is one, else test")
     p.add_argument("--val-split", type=float, default=None, help="evaluate on this fraction cut from the training data")
@@ -434,39 +591,36 @@ def _add_evaluation(sub) -> None:
                    help=spec_help("evaluate on another set of the same classes (its test or val split, else all of it)"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=PRECISION_HELP)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_fewshot)
 
-    p = sub.add_parser("predict", help="the most probable classes of image files")
-    p.add_argument("ckpt", type=Path, help="vitlab checkpoint directory (its config.json names the classes)")
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p = command("predict", help="the most probable classes of image files")
+    p.add_argument("ckpt", type=Path, help=CHECKPOINT_HELP)
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (PNG, JPEG, ...), directories of them, or glob patterns")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=PRECISION_HELP)
+    p.add_argument("--json", type=Path, default=None, help="also write one record per image to this JSON file")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("inspect", help="the paper's figures for a checkpoint: filters, position similarity, "
-                                       "attention distance, attention rollout, on one HTML page")
-    p.add_argument("ckpt", type=Path, help="anything vitlab loads: a vitlab checkpoint directory, an official .npz, "
-                                           "timm or Hugging Face ViT safetensors")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--images", nargs="+", metavar="PATH", help="image files for the attention figures")
-    source.add_argument("--data", metavar="SPEC",
-                        help=spec_help("take images from a data spec's evaluation split"))
+    p = command("inspect", help="the paper's figures for a checkpoint: filters, position similarity, attention "
+                                "distance, attention rollout, on one HTML page")
+    p.add_argument("ckpt", type=Path, help=CHECKPOINT_HELP)
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files for the attention figures")
+    p.add_argument("--images", nargs="+", dest="image_flag", metavar="IMAGE", default=None,
+                   help="the same as the positional IMAGEs")
+    p.add_argument("--data", metavar="SPEC", help=spec_help("take images from a data spec's evaluation split"))
     p.add_argument("--split", choices=("test", "val"), default=None, help="with --data (default: val, else test)")
-    p.add_argument("--num-images", type=int, default=128, help="with --data: how many images (default 128)")
+    p.add_argument("--num-images", type=int, default=128, help="with --data: how many images")
     p.add_argument("--out", type=Path, required=True, help="output directory (index.html, PNGs, inspect.json)")
-    p.add_argument("--num-components", type=int, default=28, help="principal components shown (default 28)")
-    p.add_argument("--num-overlays", type=int, default=8, help="images shown with their rollout (default 8)")
+    p.add_argument("--num-components", type=int, default=28, help="principal components shown")
+    p.add_argument("--num-overlays", type=int, default=8, help="images shown with their rollout")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=_size, default=None,
                    help="inspect at another resolution (position embeddings resized in 2-D)")
-    p.add_argument("--source-grid", type=_size, default=None,
-                   help="HxW patch grid of an .npz whose position embeddings are not a square grid")
-    p.add_argument("--num-heads", type=int, default=None,
-                   help="heads of timm or Hugging Face weights without a config.json (default: width / 64)")
+    _add_source_hints(p)
+    p.add_argument("--json", type=Path, default=None, help="also write the report (inspect.json) to this file")
     p.set_defaults(func=cmd_inspect)
 
 
@@ -486,14 +640,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args) or 0
     except USER_ERRORS as e:
         print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code
 
 
 if __name__ == "__main__":

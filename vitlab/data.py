@@ -223,6 +223,35 @@ def build(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, train_
     return _map_splits(spec, train, held_out, names, **common)
 
 
+def class_key(name: str) -> str:
+    """A class name as names are compared: lower case, letters and digits only. So a folder may spell a name that
+    is no valid folder name as it can: "T-shirt/top" is matched by "T-shirt_top", "tshirt top" or "TShirtTop"."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def match_classes(data_names: list[str], model_names, what: str) -> list[int] | None:
+    """The model's class index of each of a dataset's classes, matched by name (`class_key`). A dataset whose class
+    names are only numbers (shards without classes.json, folders 0..K-1) is matched by those numbers, with a printed
+    note; None when the model has no names (matched by index). A DataError names the classes that do not match.
+    `what` names the dataset in messages."""
+    if model_names is None:
+        return None
+    if all(name.isdigit() for name in data_names):
+        numbers = [int(name) for name in data_names]
+        if max(numbers) >= len(model_names):
+            raise DataError(f"{what}: class {max(numbers)} is beyond the model's {len(model_names)} classes")
+        print(f"note: {what} names its classes by number only: class i is taken to be the model's class i "
+              f"({', '.join(model_names[:3])}, ...)")
+        return numbers
+    keys = {class_key(name): i for i, name in enumerate(model_names)}
+    unmatched = [name for name in data_names if class_key(name) not in keys]
+    if unmatched:
+        raise DataError(f"{what}: classes {unmatched[:6]}{'...' if len(unmatched) > 6 else ''} are not among the "
+                        f"model's {len(model_names)} ({', '.join(model_names[:6])}{', ...' if len(model_names) > 6 else ''}); "
+                        "names match ignoring case and punctuation")
+    return [keys[class_key(name)] for name in data_names]
+
+
 def build_eval(spec: str, *, image_size: tuple[int, int] | int, in_chans: int, split: str | None = None,
                val_split: float | None = None, bad_images: str = "error") -> tuple[Dataset | IterableDataset, str, list[str]]:
     """The set a spec names for evaluation, unaugmented: its val or test split (`split` picks one; `val_split`

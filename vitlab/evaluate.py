@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 
 from . import data
 from .common import CheckpointError, DataError
-from .images import decode_image, eval_transform
-from .runtime import eval_mode, forward, unwrap
+from .images import Preprocess
+from .runtime import Predictor, eval_mode, forward, unwrap
 from .transfer import head_is_zero
 
 
@@ -39,9 +39,11 @@ def real_accuracy(predictions: Sequence[int], real: Sequence[Sequence[int]]) -> 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
-             real: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+             real: Sequence[Sequence[int]] | None = None, label_map: Sequence[int] | None = None) -> dict[str, float]:
     """Top-1 and top-5 accuracy, mean cross-entropy and the number of images of `loader` (uint8 batches); with
-    `real` (the ReaL label sets of the loader's images, in its order) also real_top1 and real_n."""
+    `real` (the ReaL label sets of the loader's images, in its order) also real_top1 and real_n. `label_map` turns
+    the dataset's labels into the model's classes (vitlab.data.match_classes)."""
+    mapping = None if label_map is None else torch.as_tensor(label_map, device=device)
     k = min(5, unwrap(model).cfg.num_classes)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-k hits
     n = 0
@@ -51,6 +53,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
             if batch is None:  # every image of the batch was unreadable and skipped (bad_images="skip")
                 continue
             images, labels = (t.to(device, non_blocking=True) for t in batch)
+            labels = labels if mapping is None else mapping[labels]
             logits = forward(model, images, precision).float()
             hits = logits.topk(k, dim=-1).indices == labels[:, None]  # (B, k)
             totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(),
@@ -71,8 +74,9 @@ class Classification:
     """The evaluator of one labelled split: `run(model)` gives its top1, top5, loss and n."""
 
     def __init__(self, dataset, name: str, *, batch_size: int, device: torch.device, precision: str,
-                 num_workers: int = 0, real: Sequence[Sequence[int]] | None = None):
-        self.dataset, self.name, self.real = dataset, name, real
+                 num_workers: int = 0, real: Sequence[Sequence[int]] | None = None,
+                 label_map: Sequence[int] | None = None):
+        self.dataset, self.name, self.real, self.label_map = dataset, name, real, label_map
         self.batch_size, self.device, self.precision, self.num_workers = batch_size, device, precision, num_workers
 
     def loader(self):
@@ -83,24 +87,38 @@ class Classification:
         )
 
     def run(self, model: nn.Module) -> dict[str, float]:
-        return evaluate(model, self.loader(), self.device, self.precision, self.real)
+        return evaluate(model, self.loader(), self.device, self.precision, self.real, self.label_map)
+
+
+def preprocess(model: nn.Module) -> Preprocess:
+    """The function that turns an image (path, PIL image, uint8 or float tensor) into what `model` takes."""
+    return Preprocess(unwrap(model).cfg)
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, paths: list[str], top_k: int = 5,
-            precision: str = "fp32") -> list[list[tuple[str, float]]]:
-    """For each image file, the `top_k` most probable (class name, probability) pairs, most probable first."""
+def predict(model: nn.Module, images, k: int = 5, precision: str = "auto") -> list[list[tuple[str, float]]]:
+    """The `k` most probable (class name, probability) pairs of each image, most probable first, as `vitlab
+    predict` prints them. `images`: a path, a PIL image or a (C, H, W) tensor, or a list of them (a (B, C, H, W)
+    tensor is a batch). The model runs as the command runs it (vitlab.runtime.Predictor: bf16 where the CPU or GPU
+    has it, else float32)."""
     cfg = unwrap(model).cfg
-    transform = eval_transform(cfg.image_size, cfg.in_chans)  # resize and channels, as evaluation sees them
-    images = torch.stack([transform(decode_image(p, cfg.in_chans)) for p in paths])  # (B, C, H, W) uint8
-    model.eval()
-    logits = torch.cat([forward(model, x, precision) for x in images.split(256)])
-    probs = logits.float().softmax(dim=-1)
+    if not cfg.num_classes:
+        raise CheckpointError("the model has no classification head (num_classes 0): nothing to predict")
+    single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.ndim == 4)
+    prep = preprocess(model)
+    batch = torch.stack([prep.uint8(image) for image in ([images] if single else images)])  # (B, C, H, W) uint8
+    predictor = model if isinstance(model, Predictor) else Predictor(model, precision)
+    out = [[(name, p) for _, name, p in top] for top in top_classes(predictor, batch, k)]
+    return out[0] if single else out
+
+
+def top_classes(predictor: Predictor, images: torch.Tensor, k: int) -> list[list[tuple[int, str, float]]]:
+    """(class index, class name, probability) of the k most probable classes of each uint8 image (B, C, H, W)."""
+    cfg = predictor.cfg
+    logits = torch.cat([predictor.logits(x) for x in images.split(256)])
+    top = logits.softmax(dim=-1).topk(min(k, cfg.num_classes), dim=-1)
     names = cfg.class_names or tuple(str(i) for i in range(cfg.num_classes))
-    top = probs.topk(min(top_k, cfg.num_classes), dim=-1)
-    return [
-        [(names[i], p) for i, p in zip(idx.tolist(), val.tolist())] for idx, val in zip(top.indices, top.values)
-    ]
+    return [[(i, names[i], p) for i, p in zip(idx.tolist(), val.tolist())] for idx, val in zip(top.indices, top.values)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -190,7 +208,7 @@ def features(model: nn.Module, dataset, *, batch_size: int, precision: str = "fp
 
 def fewshot(model: nn.Module, train_set, eval_set, num_classes: int, *, shots: Sequence[int] = (1, 5, 10, 25),
             seeds: Sequence[int] = range(5), l2_reg: float = FEWSHOT_L2_REG, batch_size: int = 256,
-            precision: str = "fp32", num_workers: int = 0) -> dict:
+            precision: str = "fp32", num_workers: int = 0, eval_label_map: Sequence[int] | None = None) -> dict:
     """Linear few-shot accuracy on `eval_set` for each number of shots: {"results": {k: {"mean", "std",
     "accuracy" (per seed)}}, ...}. Features are computed once: for the eval set, and for the training images some
     seed draws (all of them when the training set is a stream), on the model's device."""
@@ -211,6 +229,8 @@ def fewshot(model: nn.Module, train_set, eval_set, num_classes: int, *, shots: S
             shot_indices(orders[seeds[0]], k)
         needed = row = np.arange(len(labels))
     x_test, y_test = features(model, eval_set, **common)
+    if eval_label_map is not None:  # the evaluation set's classes, numbered as the training set's
+        y_test = np.asarray(eval_label_map)[y_test]
     results = {}
     for k in shots:
         accuracy = []

@@ -28,6 +28,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ def decode_image(data: bytes | str | os.PathLike, in_chans: int, name: str | Non
         try:
             data = Path(data).read_bytes()
         except OSError as exc:
-            raise DataError(f"cannot read image {name}: {one_line(exc)}") from exc
+            raise DataError(f"cannot read image {name}: {exc.strerror or one_line(exc)}") from exc
     if data[:2] == b"\xff\xd8" and decode_jpeg is not None:
         # JPEG through torchvision's libjpeg-turbo: 26 us against PIL's 86 us for a 32x32 CIFAR image, and the
         # same pixels. Anything it cannot do (CMYK, errors) goes on to PIL, which names the error.
@@ -143,8 +144,11 @@ def decode_image(data: bytes | str | os.PathLike, in_chans: int, name: str | Non
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             array = pil_to_array(img, in_chans)
+    except Image.UnidentifiedImageError as exc:
+        raise DataError(f"cannot decode image {name or '<bytes>'}: not an image format PIL knows") from exc
     except Exception as exc:  # anything a decoder raises on bad bytes: OSError, SyntaxError, bomb, ...
-        raise DataError(f"cannot decode image {name or '<bytes>'}: {one_line(exc)}") from exc
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", one_line(exc))  # PIL names its buffer
+        raise DataError(f"cannot decode image {name or '<bytes>'}: {reason}") from exc
     x = torch.from_numpy(array)
     return x[None] if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
 
@@ -344,6 +348,44 @@ class Transform:
 def train_transform(aug: TrainAug, image_size: tuple[int, int], in_chans: int) -> Transform:
     """The training Transform: crop, flip, RandAugment, resize, channels; call it with sample hashes."""
     return Transform(image_size, in_chans, aug)
+
+
+class Preprocess:
+    """What a model needs of an image, from its config: `vitlab.preprocess(model)`. Called on one image (a path, a
+    PIL image, a uint8 tensor (C, H, W) or a float tensor in [0, 1] as torchvision's to_tensor makes it), it returns
+    the float tensor (C, H, W) the model takes: resized to its resolution as evaluation resizes, converted to its
+    channels, normalised with its mean and std. `uint8(image)` stops before the normalisation."""
+
+    def __init__(self, cfg):
+        self.image_size, self.in_chans = tuple(cfg.image_size), cfg.in_chans
+        self.mean, self.std = cfg.mean, cfg.std
+        self.transform = Transform(self.image_size, self.in_chans, None)
+
+    def uint8(self, image) -> Tensor:
+        """uint8 (C, H, W) at the model's resolution and channels."""
+        if isinstance(image, (str, os.PathLike, bytes)):
+            x = decode_image(image, self.in_chans)
+        elif isinstance(image, Image.Image):
+            array = pil_to_array(image, self.in_chans)
+            x = torch.from_numpy(array)
+            x = x[None] if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
+        elif isinstance(image, Tensor):
+            if image.ndim != 3 or image.shape[0] not in (1, 3):
+                raise DataError(f"an image tensor is (C, H, W) with 1 or 3 channels, got {tuple(image.shape)}")
+            if image.is_floating_point():  # torchvision's to_tensor: x / 255, so this is exact for such images
+                image = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+            elif image.dtype != torch.uint8:
+                raise DataError(f"an integer image tensor must be uint8, got {image.dtype}")
+            x = image.cpu()
+        else:
+            raise DataError(f"not an image: {type(image).__name__} (a path, a PIL image or a (C, H, W) tensor)")
+        return self.transform(x)
+
+    def __call__(self, image) -> Tensor:
+        x = self.uint8(image).float() / 255
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return (x - mean) / std
 
 
 def eval_transform(image_size: tuple[int, int], in_chans: int) -> Transform:

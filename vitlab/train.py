@@ -133,7 +133,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
         eval_set = _evaluation_set(cfg, splits) if proc.is_main else None
         if eval_set is not None:
             kind = MaskedPatchPrediction if mpp else Classification
-            evaluators.append(kind(*eval_set, batch_size=local_batch // cfg.accum_steps, device=proc.device,
+            if mpp:
+                eval_set.pop("label_map", None)  # the targets are colours
+            evaluators.append(kind(**eval_set, batch_size=local_batch // cfg.accum_steps, device=proc.device,
                                    precision=precision, num_workers=cfg.num_workers))
         log = None
         if proc.is_main:  # DIR is written once the data and the model are known to load
@@ -479,22 +481,19 @@ def _compiled(model: nn.Module, cfg: TrainConfig, proc: "Process", steps: int) -
     return torch.compile(model)
 
 
-def _evaluation_set(cfg: TrainConfig, splits) -> tuple | None:
-    """(dataset, name) of what the run evaluates on: --eval-data's evaluation set (its test or val split, else all
-    of it), else the training data's val or test split; None when there is none."""
+def _evaluation_set(cfg: TrainConfig, splits) -> dict | None:
+    """What the run evaluates on, as Classification's arguments: --eval-data's evaluation set (its test or val split,
+    else all of it), its classes matched to the training data's by name, else the training data's val or test
+    split; None when there is none."""
     if cfg.eval_data is None:
-        return None if splits.eval is None else (splits.eval, splits.eval_name)
+        return None if splits.eval is None else dict(dataset=splits.eval, name=splits.eval_name)
     dataset, name, class_names = data.build_eval(cfg.eval_data, image_size=cfg.image_size, in_chans=cfg.in_chans,
                                                  bad_images=cfg.bad_images)
-    if len(class_names) != splits.num_classes or (class_names != splits.class_names and not _numbered(class_names)):
-        raise DataError(f"{cfg.eval_data} has classes {class_names[:5]}..., the training data {cfg.data} "
-                        f"{splits.class_names[:5]}...: evaluate on the same classes")
-    return dataset, "eval" if name == "all" else name
-
-
-def _numbered(names: list[str]) -> bool:
-    """Whether class names are only the numbers 0..K-1 (shards without a classes.json)."""
-    return names == [str(i) for i in range(len(names))]
+    label_map = data.match_classes(class_names, splits.class_names, cfg.eval_data)
+    if label_map is None and len(class_names) != splits.num_classes:
+        raise DataError(f"{cfg.eval_data} has {len(class_names)} classes, the training data {cfg.data} "
+                        f"{splits.num_classes}")
+    return dict(dataset=dataset, name="eval" if name == "all" else name, label_map=label_map)
 
 
 def _run_directory(cfg: TrainConfig, resume: bool, proc: "Process") -> tuple[TrainConfig, Path]:
