@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
+from checkpoints import randomise
 from official import official_arrays, write_npz
+from PIL import Image
 
+import vitlab as vitlab_module
 from vitlab import cli
-from vitlab.weights import load_model
+from vitlab.model import VisionTransformer, ViTConfig
+from vitlab.weights import load_model, save_checkpoint
 
 
 @dataclass
@@ -122,3 +128,63 @@ def test_convert_bad_resolution_names_the_field(tmp_path):
 def test_bad_arguments_exit_non_zero():
     result = vitlab("models", "--image-size", "big")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One convention for every command
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_version_and_defaults_in_help():
+    assert vitlab("--version").stdout.strip() == f"vitlab {vitlab_module.__version__}"
+    train_help = vitlab("train", "--help").stdout
+    for shown in ("--lr LR", "(default: 0.001)", "--batch-size BATCH_SIZE", "(default: 512)", "(default: linear)",
+                  "(default: 0.05)", "(default: 2)"):  # lr, batch, schedule, warmup, num-workers
+        assert shown in train_help, shown
+    finetune_help = " ".join(vitlab("finetune", "--help").stdout.split())
+    assert "(default: 10000)" in finetune_help and "(default: sgd)" in finetune_help
+    assert "(default: 10;" not in finetune_help  # fine-tuning counts steps, not the 10 epochs of train
+    assert "(default: 5)" in " ".join(vitlab("predict", "--help").stdout.split())  # --top-k
+
+
+def test_outputs_are_out_everywhere_with_the_old_positional_kept(tmp_path):
+    src = write_npz(tmp_path / "a.npz", official_arrays(seed=3))
+    assert vitlab("convert", src, "--out", tmp_path / "flag").returncode == 0
+    assert vitlab("convert", src, tmp_path / "positional").returncode == 0
+    assert vitlab("export", tmp_path / "flag", "--out", tmp_path / "back.npz").returncode == 0
+    assert (tmp_path / "back.npz").exists() and (tmp_path / "back.npz.json").exists()
+    result = vitlab("convert", src, tmp_path / "x", "--out", tmp_path / "y")
+    assert result.returncode == 2 and "two outputs" in result.stderr
+    assert "--out is required" in vitlab("convert", src).stderr
+
+
+def test_models_says_when_no_hybrid_fits_instead_of_an_empty_table(tmp_path):
+    result = vitlab("models", "--image-size", "28", "--patch", "7", "--json", tmp_path / "m.json")
+    assert result.returncode == 0 and "ViT-B/7" in result.stdout
+    assert "baselines and hybrids" not in result.stdout and "no hybrid or BiT ResNet fits 28x28" in result.stdout
+    assert [r["name"] for r in json.loads((tmp_path / "m.json").read_text())["vit"]][:2] == ["ViT-Ti/7", "ViT-S/7"]
+
+
+def test_an_export_keeps_what_the_npz_cannot_hold_so_predictions_survive_the_round_trip(tmp_path):
+    cfg = ViTConfig(image_size=(16, 24), patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64,
+                    num_classes=3, in_chans=1, mean=(0.286,), std=(0.353,), class_names=("T-shirt/top", "Bag", "Sandal"),
+                    gelu="exact")
+    model = randomise(VisionTransformer(cfg), seed=2)
+    save_checkpoint(model, tmp_path / "ck")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 20), dtype=np.uint8)).save(image)
+    before = vitlab("predict", tmp_path / "ck", image, "--precision", "fp32")
+    assert vitlab("export", tmp_path / "ck", tmp_path / "m.npz").returncode == 0
+    after = vitlab("predict", tmp_path / "m.npz", image, "--precision", "fp32")
+    assert before.returncode == after.returncode == 0 and after.stdout == before.stdout  # names, order, probabilities
+    loaded = load_model(tmp_path / "m.npz")
+    assert (loaded.cfg.mean, loaded.cfg.std, loaded.cfg.class_names, loaded.cfg.gelu, loaded.cfg.image_size) == (
+        cfg.mean, cfg.std, cfg.class_names, "exact", (16, 24))
+    # without the sidecar the file is the official layout alone, and convert takes what it lacks
+    (tmp_path / "m.npz.json").unlink()
+    (tmp_path / "names.txt").write_text("T-shirt/top\nBag\nSandal\n")
+    result = vitlab("convert", tmp_path / "m.npz", tmp_path / "again", "--source-grid", "4x6", "--mean", "0.286",
+                    "--std", "0.353", "--class-names", tmp_path / "names.txt", "--gelu", "exact")
+    assert result.returncode == 0, result.stderr
+    assert vitlab("predict", tmp_path / "again", image, "--precision", "fp32").stdout == before.stdout.replace(
+        str(tmp_path / "ck"), str(tmp_path / "again"))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import vitlab
 from vitlab.common import ConfigError
 from vitlab.model import (
+    drop_patches,
     VisionTransformer,
     ViTConfig,
     create_model,
@@ -387,3 +388,22 @@ def test_sincos2d_model_has_fixed_embeddings_at_any_resolution():
     assert torch.equal(model.pos_embed, posemb_sincos_2d((4, 4), 32))
     with pytest.raises(ConfigError, match="divisible by 4"):
         tiny(posemb="sincos2d", hidden_size=30, num_heads=3)
+
+
+def test_patch_dropout_keeps_a_random_share_of_each_images_patches_in_training_only():
+    x = torch.arange(2 * 17 * 3, dtype=torch.float32).view(2, 17, 3)  # a [class] token and 16 patches per image
+    torch.manual_seed(0)
+    kept = drop_patches(x, 0.25, num_prefix_tokens=1)
+    assert kept.shape == (2, 1 + 12, 3) and torch.equal(kept[:, 0], x[:, 0])  # the [class] token always stays
+    for b in range(2):
+        rows = [int(r[0]) // 3 - 17 * b for r in kept[b, 1:]]
+        assert rows == sorted(rows) and len(set(rows)) == 12 and min(rows) >= 1  # distinct patches, in order
+    model = VisionTransformer(tiny(patch_dropout=0.5))
+    images = torch.randn(3, 3, 16, 16)
+    plain = VisionTransformer(tiny())
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(model.eval()(images), plain.eval()(images))  # the identity in eval
+    model.train()
+    assert model.forward_features(images).shape == (3, 1 + 8, 32)  # half of the 16 patches in training
+    with pytest.raises(ConfigError, match="patch_dropout does not apply to masked patch prediction"):
+        tiny(patch_dropout=0.5, mpp_classes=8, num_classes=0)

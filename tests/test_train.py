@@ -37,9 +37,11 @@ from vitlab.common import ConfigError
 from vitlab.config import TrainConfig, fine_tune, make_config
 from vitlab.images import in_train_subset
 from vitlab.train import (
+    COMPILE_MIN_CPU_STEPS,
     EMA,
     ClassificationObjective,
     Process,
+    _compiled,
     learning_rate,
     make_optimizer,
     train,
@@ -357,3 +359,24 @@ def test_eval_data_evaluates_on_another_set(tmp_path):
     result = train(TrainConfig(**dict(TINY, steps=4, eval_data=f"wds:{shards}"), out=str(tmp_path / "run")))
     assert result["n"] == 40  # every image of the shards
     assert [r["split"] for r in rows(tmp_path / "run") if r["split"] != "train"] == ["eval"]
+
+
+def test_compile_by_default_only_where_it_pays():
+    model = torch.nn.Linear(2, 2)
+    cpu, gpu = Process(0, 1, torch.device("cpu")), Process(0, 1, torch.device("cuda"))
+    default = TrainConfig(**TINY)
+    assert _compiled(model, default, cpu, COMPILE_MIN_CPU_STEPS - 1) is model  # a short CPU run: eager
+    assert _compiled(model, default, cpu, COMPILE_MIN_CPU_STEPS) is not model
+    assert _compiled(model, default, gpu, 10) is not model
+    assert _compiled(model, TrainConfig(**dict(TINY, compile=False)), gpu, 10**6) is model  # what the user says wins
+    assert _compiled(model, TrainConfig(**dict(TINY, compile=True)), cpu, 1) is not model
+
+
+def test_metrics_rows_carry_the_wall_clock_time_of_the_run(tmp_path):
+    train(TrainConfig(**dict(TINY, steps=20, save_every=10, log_every=5), out=str(tmp_path / "run")))
+    times = [r["wall_s"] for r in rows(tmp_path / "run")]
+    assert times == sorted(times) and times[0] > 0
+    train(TrainConfig(**dict(TINY, steps=30, save_every=10, log_every=5), out=str(tmp_path / "run")), resume=True)
+    again = [r["wall_s"] for r in rows(tmp_path / "run")]
+    assert again[:len(times)] == times and again == sorted(again)  # a resume goes on counting
+

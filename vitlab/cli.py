@@ -256,23 +256,6 @@ def _classifier(ckpt, device):
     return model
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def cmd_fewshot(args) -> None:
     from . import data
     from .common import atomic_write_text
@@ -461,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("models", help="list the ViT variants, hybrids and BiT ResNets with their sizes and cost")
     p.add_argument("--image-size", type=_size, default=(224, 224), help="N or HxW")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of the head")
     p.add_argument("--patch", type=int, default=None, help="patch size for every row (default: 16, 14 for ViT-H)")
     p.add_argument("--json", type=Path, default=None, help="also write the table to this JSON file")
     p.set_defaults(func=cmd_models)
@@ -566,9 +549,10 @@ def _add_evaluation(command) -> None:
     p.add_argument("--split", choices=("test", "val"), default=None, help="default: val if there is one, else test")
     p.add_argument("--val-split", type=float, default=None,
                    help="the fraction of the training data cut as val (as in training)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--bad-images", choices=("error", "skip"), default="error")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--bad-images", choices=("error", "skip"), default="error",
+                   help="an unreadable image stops the evaluation, or is skipped and counted")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=PRECISION_HELP)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--real-labels", type=Path, default=None, metavar="REAL_JSON",
@@ -589,8 +573,8 @@ def _add_evaluation(command) -> None:
     p.add_argument("--val-split", type=float, default=None, help="evaluate on this fraction cut from the training data")
     p.add_argument("--eval-data", default=None, metavar="SPEC",
                    help=spec_help("evaluate on another set of the same classes (its test or val split, else all of it)"))
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=PRECISION_HELP)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_fewshot)
@@ -599,7 +583,7 @@ def _add_evaluation(command) -> None:
     p.add_argument("ckpt", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files (PNG, JPEG, ...), directories of them, or glob patterns")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=PRECISION_HELP)
     p.add_argument("--json", type=Path, default=None, help="also write one record per image to this JSON file")
     p.set_defaults(func=cmd_predict)
@@ -616,7 +600,7 @@ def _add_evaluation(command) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (index.html, PNGs, inspect.json)")
     p.add_argument("--num-components", type=int, default=28, help="principal components shown")
     p.add_argument("--num-overlays", type=int, default=8, help="images shown with their rollout")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--image-size", type=_size, default=None,
                    help="inspect at another resolution (position embeddings resized in 2-D)")
     _add_source_hints(p)

@@ -106,17 +106,6 @@ def in_train_subset(keys: list[str], count: int) -> set[str]:
     return set(sorted(keys, key=lambda k: _key_hash(k, b"vitlab-subset"))[:count])
 
 
-def subset_indices(indices: list[int], count: int) -> list[int]:
-    """`count` of a map-style training split's indices: a prefix of a fixed permutation, so nested as above."""
-    perm = torch.randperm(len(indices), generator=torch.Generator().manual_seed(1))[:count]
-    return sorted(indices[i] for i in perm.tolist())
-
-
-def split_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
-    """(train, val) indices of a map-style set: a fixed permutation (seed 0, not the training seed)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    n_val = round(fraction * n)
-    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
 
 
 # ------------------------------------------------------------------------------------------- decoding

@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,7 @@ def _json_lines(path: Path) -> list[dict]:
 class RunLog:
     """The run's records, written by process 0: metrics.jsonl, TensorBoard events, curves.png."""
 
-    def __init__(self, out: Path, start_step: int):
+    def __init__(self, out: Path, start_step: int, started: float | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.out = out
@@ -138,15 +139,20 @@ class RunLog:
         # A resumed run redoes the steps after its checkpoint: their rows go, here and in TensorBoard (purge_step),
         # and so does a line that a killed process left half-written.
         self.rows = [r for r in _json_lines(path) if r.get("step", math.inf) <= start_step]
+        # Each row's wall_s: seconds since the run's command started (`started`, a perf_counter reading), counting
+        # the time of the processes before a resume, for accuracy against wall-clock time.
+        before = self.rows[-1].get("wall_s", 0.0) if self.rows else 0.0
+        self.clock = (time.perf_counter() if started is None else started) - before
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.file = open(path, "a")
         self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def write(self, row: dict) -> None:
+        row = dict(row, wall_s=round(time.perf_counter() - self.clock, 2))
         self.rows.append(row)
         self.file.write(json.dumps(row) + "\n")
         for key, value in row.items():
-            if key not in ("step", "epoch", "split") and isinstance(value, (int, float)):
+            if key not in ("step", "epoch", "split", "wall_s") and isinstance(value, (int, float)):
                 self.tb.add_scalar(f"{row['split']}/{key}", value, row["step"])
 
     def flush(self) -> None:

@@ -65,6 +65,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
 
     Under torchrun every process runs this, with DistributedDataParallel; only process 0 writes.
     """
+    started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         # ---- setup -----------------------------------------------------------------------------------------
         proc = stack.enter_context(_process_group())
@@ -141,8 +142,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
         if proc.is_main:  # DIR is written once the data and the model are known to load
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
-            log = stack.enter_context(contextlib.closing(RunLog(out, at.step)))
-            print(_describe(out, cfg, model, splits, total_steps, proc, precision, at.step))
+            log = stack.enter_context(contextlib.closing(RunLog(out, at.step, started)))
+            print(_describe(out, cfg, model, splits, total_steps, proc, precision + (", compiled" if net is not model
+                                                                                     else ""), at.step))
         bar = stack.enter_context(tqdm(total=total_steps, initial=at.step, unit="step", dynamic_ncols=True,
                                        disable=not proc.is_main))
         # Training FLOPs, for compute-vs-accuracy plots: a backward pass costs about two forward passes (one
@@ -475,9 +477,9 @@ def _compiled(model: nn.Module, cfg: TrainConfig, proc: "Process", steps: int) -
     if not wanted:
         return model
     if cfg.compile is None:
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
-        torch._dynamo.config.suppress_errors = True  # no C++ compiler, an unsupported op: run eagerly
+        dynamo.config.suppress_errors = True  # no C++ compiler, an unsupported op: run eagerly
     return torch.compile(model)
 
 
