@@ -475,9 +475,11 @@ def _compiled(model: nn.Module, cfg: TrainConfig, proc: "Process", steps: int) -
     if not wanted:
         return model
     if cfg.compile is None:
-        import torch._dynamo
+        # (`from torch import`: `import torch._dynamo` here would make `torch` a local name of this function,
+        # unbound below when --compile was asked for)
+        from torch import _dynamo
 
-        torch._dynamo.config.suppress_errors = True  # no C++ compiler, an unsupported op: run eagerly
+        _dynamo.config.suppress_errors = True  # no C++ compiler, an unsupported op: run eagerly
     return torch.compile(model)
 
 
