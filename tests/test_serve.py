@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -388,6 +389,8 @@ CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
 def chromium(profile):
     """Debian's chromium driven through its chromium-driver (`apt-get install chromium chromium-driver`; .ci/run
     installs them): headless, as root, with background networking off (the closed network refuses it)."""
+    for program in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
+        assert Path(program).exists(), f"no {program}: apt-get install chromium chromium-driver (.ci/run does)"
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in CHROME_FLAGS + (f"--user-data-dir={profile}", "--window-size=1000,900"):
