@@ -9,12 +9,13 @@ DEMO_OUT ?= runs/demo
 
 install: $(STAMP)
 
-# torch and torchvision pinned to the CPU/CUDA wheels this machine keeps on disk; the rest from PyPI.
+# torch and torchvision pinned to the CPU/CUDA wheels this machine keeps on disk; the rest from PyPI, with the
+# extras of the tests and of `vitlab serve`.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,serve]'
 	touch $(STAMP)
 
 # The Debian copy of Fashion-MNIST (the demo's data); installed when missing and we are root.

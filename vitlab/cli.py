@@ -410,6 +410,28 @@ def cmd_inspect(args) -> None:
     print(f"open {args.out / PAGE_FILE}")
 
 
+def cmd_serve(args) -> None:
+    from .runtime import default_device
+
+    try:
+        from .serve import create_app, make_server
+    except ImportError as e:  # the optional extra is not installed
+        raise UserError(f"serving needs the serve extra: pip install 'vitlab[serve]' ({e})") from None
+    if args.max_batch < 1 or args.max_wait_ms < 0 or not args.max_upload_mb > 0 or not 0 <= args.port <= 65535:
+        raise UserError(f"--max-batch must be >= 1, --max-wait-ms >= 0, --max-upload-mb > 0 and --port 0-65535; got "
+                        f"{args.max_batch}, {args.max_wait_ms}, {args.max_upload_mb} and {args.port}")
+    device = default_device()
+    app = create_app(_classifier(args.ckpt, device), source=str(args.ckpt), max_batch=args.max_batch,
+                     max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb, precision=args.precision)
+    server, sock, url = make_server(app, args.host, args.port)
+    service = app.state.service
+    cfg = service.cfg
+    print(f"vitlab serve: {args.ckpt} ({cfg.name or 'model'}, {cfg.image_size[0]}x{cfg.image_size[1]}, "
+          f"{cfg.num_classes} classes, {service.predictor.device} {service.predictor.precision}) at {url} "
+          f"(batches of up to {args.max_batch}, waiting up to {args.max_wait_ms:g} ms); Ctrl-C stops it", flush=True)
+    server.run(sockets=[sock])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The parser. One convention for every command: the inputs positional, the output --out (the positional OUT of
 # convert and export kept as an alias), --json wherever a command measures or predicts, every default in --help.
@@ -540,7 +562,7 @@ def _add_run_flags(p: argparse.ArgumentParser, defaults: dict) -> None:
 
 
 def _add_evaluation(command) -> None:
-    """`vitlab eval`, `vitlab fewshot`, `vitlab predict` and `vitlab inspect`."""
+    """`vitlab eval`, `vitlab fewshot`, `vitlab predict`, `vitlab inspect` and `vitlab serve`."""
     p = command("eval", help="top-1 / top-5 accuracy of a checkpoint on a labelled set",
                 description="Top-1 and top-5 accuracy on a data spec's val or test split, or on all of a set that has "
                             "neither (WebDataset shards, a folder of class folders).")
@@ -606,6 +628,21 @@ def _add_evaluation(command) -> None:
     _add_source_hints(p)
     p.add_argument("--json", type=Path, default=None, help="also write the report (inspect.json) to this file")
     p.set_defaults(func=cmd_inspect)
+
+    p = command("serve", help="the model behind HTTP: POST /predict, GET /health, and a page at /",
+                description="Serve a classifier over HTTP: POST an image to /predict (the multipart field `file`, or "
+                            "the raw body; ?k=5, ?attention=1 for the attention-rollout overlay), GET /health, and "
+                            "GET / for a page that shows the top classes and where the model looked. Requests that "
+                            "arrive together run as one batch.")
+    p.add_argument("ckpt", type=Path, help=CHECKPOINT_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--max-batch", type=int, default=32, help="the most images run as one batch (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a batch's first request waits for others to join it")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused (413)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=PRECISION_HELP)
+    p.set_defaults(func=cmd_serve)
 
 
 def run() -> None:

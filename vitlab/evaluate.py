@@ -114,9 +114,12 @@ def predict(model: nn.Module, images, k: int = 5, precision: str = "auto") -> li
 
 def top_classes(predictor: Predictor, images: torch.Tensor, k: int) -> list[list[tuple[int, str, float]]]:
     """(class index, class name, probability) of the k most probable classes of each uint8 image (B, C, H, W)."""
-    cfg = predictor.cfg
-    logits = torch.cat([predictor.logits(x) for x in images.split(256)])
-    top = logits.softmax(dim=-1).topk(min(k, cfg.num_classes), dim=-1)
+    return classes_of(torch.cat([predictor.logits(x) for x in images.split(256)]), predictor.cfg, k)
+
+
+def classes_of(logits: torch.Tensor, cfg, k: int) -> list[list[tuple[int, str, float]]]:
+    """(class index, class name, probability) of the k most probable classes of each row of logits (B, K)."""
+    top = logits.float().softmax(dim=-1).topk(min(k, cfg.num_classes), dim=-1)
     names = cfg.class_names or tuple(str(i) for i in range(cfg.num_classes))
     return [[(i, names[i], p) for i, p in zip(idx.tolist(), val.tolist())] for idx, val in zip(top.indices, top.values)]
 

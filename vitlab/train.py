@@ -477,7 +477,7 @@ def _compiled(model: nn.Module, cfg: TrainConfig, proc: "Process", steps: int) -
     if not wanted:
         return model
     if cfg.compile is None:
-        import torch._dynamo as dynamo
+        import torch._dynamo as dynamo  # (bound as `dynamo`: `import torch._dynamo` would make torch local here)
 
         dynamo.config.suppress_errors = True  # no C++ compiler, an unsupported op: run eagerly
     return torch.compile(model)
