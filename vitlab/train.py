@@ -475,9 +475,9 @@ def _compiled(model: nn.Module, cfg: TrainConfig, proc: "Process", steps: int) -
     if not wanted:
         return model
     if cfg.compile is None:
-        import torch._dynamo
+        from torch import _dynamo  # (`import torch._dynamo` here would make `torch` local to the whole function)
 
-        torch._dynamo.config.suppress_errors = True  # no C++ compiler, an unsupported op: run eagerly
+        _dynamo.config.suppress_errors = True  # no C++ compiler, an unsupported op: run eagerly
     return torch.compile(model)
 
 
