@@ -378,8 +378,8 @@ def _conversions(cfg) -> dict[str, tuple[Callable, Callable]]:
         "copy": (lambda a: a[0], lambda t: [t]),
         "dense": (lambda a: a[0].T, lambda t: [t.T]),  # (in, out) <-> (out, in)
         "conv": (lambda a: a[0].permute(3, 2, 0, 1), lambda t: [t.transpose(2, 3, 1, 0)]),  # (h,w,in,out) <-> (out,in,h,w)
-        # GroupNorm: (1, 1, 1, C) in the published files (pre-Linen Flax, and TensorFlow's BiT), (C,) in today's
-        # Flax; written as the published hybrid files have it (BiT's have (C,))
+        # GroupNorm: (1, 1, 1, C) in the published hybrid files (pre-Linen Flax), (C,) in today's Flax and in BiT's
+        # files; written as each published layout has it
         "gn": (lambda a: _squeeze_gn(a[0]),
                lambda t: [t if isinstance(cfg, ResNetConfig) else t.reshape(1, 1, 1, -1)]),
         "head_conv": (lambda a: a[0].reshape(a[0].shape[-2:]).T, lambda t: [t.T[None, None]]),  # (1,1,C,K) <-> (K,C)
