@@ -11,10 +11,11 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+import official
 import pytest
 import torch
 from checkpoints import randomise
-from official import official_arrays, write_npz
+from datasets import fmnist  # noqa: F401 (fixture)
 from PIL import Image
 
 import vitlab as vitlab_module
@@ -79,7 +80,7 @@ def test_models_at_another_resolution():
 
 
 def test_convert_npz(tmp_path):
-    src = write_npz(tmp_path / "ViT-tiny.npz", official_arrays(seed=7))
+    src = official.path("vit_jax_vit")
     result = vitlab("convert", src, tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "2 layers, width 32" in result.stdout and "mean (0.5, 0.5, 0.5)" in result.stdout
@@ -88,7 +89,7 @@ def test_convert_npz(tmp_path):
 
 
 def test_convert_with_new_resolution_and_head_then_export(tmp_path):
-    src = write_npz(tmp_path / "a.npz", official_arrays(seed=8))
+    src = official.path("vit_jax_vit")
     assert vitlab("convert", src, tmp_path / "out", "--image-size", "24x32", "--num-classes", "2").returncode == 0
     model = load_model(tmp_path / "out")
     assert model.cfg.image_size == (24, 32) and model.cfg.num_classes == 2
@@ -119,7 +120,7 @@ def test_convert_errors_are_one_line(tmp_path, make, fragments):
 
 
 def test_convert_bad_resolution_names_the_field(tmp_path):
-    src = write_npz(tmp_path / "a.npz", official_arrays(seed=9))
+    src = official.path("vit_jax_vit")
     result = vitlab("convert", src, tmp_path / "out", "--image-size", "30")
     assert_one_line_error(result, "patch_size (4, 4) does not divide image_size (30, 30)")
     assert not (tmp_path / "out").exists()  # nothing written
@@ -148,7 +149,7 @@ def test_version_and_defaults_in_help():
 
 
 def test_outputs_are_out_everywhere_with_the_old_positional_kept(tmp_path):
-    src = write_npz(tmp_path / "a.npz", official_arrays(seed=3))
+    src = official.path("vit_jax_vit")
     assert vitlab("convert", src, "--out", tmp_path / "flag").returncode == 0
     assert vitlab("convert", src, tmp_path / "positional").returncode == 0
     assert vitlab("export", tmp_path / "flag", "--out", tmp_path / "back.npz").returncode == 0
@@ -188,3 +189,30 @@ def test_an_export_keeps_what_the_npz_cannot_hold_so_predictions_survive_the_rou
     assert result.returncode == 0, result.stderr
     assert vitlab("predict", tmp_path / "again", image, "--precision", "fp32").stdout == before.stdout.replace(
         str(tmp_path / "ck"), str(tmp_path / "again"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_jax_r1-1_hybrid", "big_transfer_bit"])
+def test_an_official_file_through_every_command(tmp_path, fmnist, name):
+    """The official hybrid and BiT files: converted (their logits kept), evaluated, inspected, fine-tuned from,
+    exported back."""
+    src, (x, logits) = official.path(name), official.expected(name)
+    result = vitlab("convert", src, tmp_path / "converted")
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        assert (load_model(tmp_path / "converted")(x) - logits).abs().max() < official.TOLERANCE[name]
+    if name == "big_transfer_bit":  # ten classes, as fashion-mnist
+        result = vitlab("eval", src, "--data", "fashion-mnist")
+        assert result.returncode == 0 and "top1: " in result.stdout, result.stderr
+    else:
+        result = vitlab("inspect", src, "--out", tmp_path / "inspect")
+        assert result.returncode == 0 and (tmp_path / "inspect" / "index.html").is_file(), result.stderr
+    result = vitlab("finetune", "--init", src, "--data", "fashion-mnist", "--image-size", "32", "--steps", "1",
+                    "--batch-size", "8", "--num-workers", "0", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert f"init: {src}: " in result.stdout and "a new zero head for 10 classes" in result.stdout
+    result = vitlab("eval", tmp_path / "run", "--data", "fashion-mnist")
+    assert result.returncode == 0 and "top1: " in result.stdout, result.stderr
+    result = vitlab("export", tmp_path / "run", tmp_path / "back.npz")
+    assert result.returncode == 0, result.stderr
+    assert load_model(tmp_path / "back.npz").cfg == load_model(tmp_path / "run").cfg

@@ -1,213 +1,156 @@
-"""Other people's checkpoint files: official npz (ViT and hybrid) against timm's loader and back, timm and Hugging
-Face safetensors against their own libraries, and the files vitlab refuses, each in one line."""
+"""Other people's checkpoint files, against the logits their own libraries computed: the fixtures of
+tests/fixtures/official (vit_jax's ViT, ViT with pre-logits, gap ViT and two hybrid stems, one in the published
+layout; BiT; timm; transformers), the files vitlab writes back in the layout the official readers take, and the
+files vitlab refuses, each in one line. (timm's and Hugging Face's variants: tests/test_timm_hf.py.)"""
 
 from __future__ import annotations
 
 import numpy as np
+import official
 import pytest
-import timm
 import torch
-import transformers
-from checkpoints import Payload, hf_config, max_diff, randomise, save_state
-from official import hybrid_arrays, official_arrays, write_npz
-from safetensors.torch import load_file
+from checkpoints import Payload, max_diff, randomise, save_state
 
 from vitlab.common import CheckpointError
 from vitlab.formats import export_npz, read_npz, state_dict_to_npz
 from vitlab.model import VisionTransformer, ViTConfig
-from vitlab.resnet import StdConv2d
+from vitlab.resnet import ResNetConfig
 from vitlab.transfer import adapt
-from vitlab.weights import load_model, read_config, save_checkpoint
+from vitlab.weights import _read_source, load_model, read_config, save_checkpoint
+
+# --------------------------------------------------------------------------------------------------------------
+# The fixtures: each file as its library wrote it, its logits as its library computed them
+# --------------------------------------------------------------------------------------------------------------
 
 
-def test_timm_token_vit_without_config_equals_timm(tmp_path):
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-
-    # width 128 with 2 heads: 64 per head, the rule that stands in for a missing config.json
-    reference = randomise(TimmViT(img_size=16, patch_size=4, embed_dim=128, depth=2, num_heads=2, mlp_ratio=2,
-                                  num_classes=5))
-    ours = load_model(save_state(reference, tmp_path / "vit.safetensors"))
-    cfg = ours.cfg
-    assert (cfg.gelu, cfg.layer_norm_eps, cfg.num_heads, cfg.classifier) == ("exact", 1e-6, 2, "token")
-    assert cfg.num_classes == 5
-    x = torch.randn(3, 3, 16, 16)
+@pytest.mark.parametrize("name", list(official.MANIFEST))
+def test_each_fixture_gives_its_own_librarys_logits(name):
+    model = load_model(official.path(name), source_grid=official.grid(name))
+    x, logits = official.expected(name)
+    assert not model.training
     with torch.no_grad():
-        assert max_diff(ours(x), reference(x)) < 1e-4
+        diff = max_diff(model(x), logits)
+    assert logits.std() > 0.3  # random heads: a wrong mapping cannot hide behind zeros
+    assert diff < official.TOLERANCE[name], diff
 
 
-def test_timm_directory_with_its_config_equals_timm(tmp_path):
-    reference = randomise(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(16, 24), patch_size=4,
-                                            embed_dim=32, depth=2, num_heads=4, num_classes=6), seed=1)
-    timm.models.save_for_hf(reference, tmp_path / "hub", safe_serialization=True)
-    ours = load_model(tmp_path / "hub")
-    assert ours.cfg.num_heads == 4 and ours.cfg.image_size == (16, 24)  # heads and grid from timm's config.json
-    assert ours.cfg.mean == (0.5, 0.5, 0.5)  # the pretrained_cfg's normalisation
-    x = torch.randn(2, 3, 16, 24)
+@pytest.mark.parametrize("name", official.VIT_JAX)
+def test_official_config_is_read_from_the_arrays(name):
+    m = official.MANIFEST[name]
+    cfg = load_model(official.path(name), source_grid=official.grid(name)).cfg
+    assert cfg.patch_size == tuple(m["patch"]) and cfg.image_size == tuple(m["image_size"])
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_dim) == (m["hidden"], m["layers"], m["heads"],
+                                                                              m["mlp"])
+    assert (cfg.num_classes, cfg.representation_size) == (m["classes"], m.get("representation_size"))
+    assert cfg.classifier == m.get("classifier", "token")
+    resnet = m.get("resnet")
+    assert cfg.resnet_num_layers == (tuple(resnet["num_layers"]) if resnet else None)
+    assert cfg.resnet_width_factor == (resnet["width_factor"] if resnet else 1.0)
+    assert cfg.gelu == "tanh" and cfg.mean == (0.5,) * 3 and cfg.std == (0.5,) * 3  # official: tanh GELU, [-1, 1]
+
+
+@pytest.mark.parametrize("name", official.HYBRIDS)
+def test_hybrid_group_norm_as_either_generation_wrote_it(tmp_path, name):
+    """GroupNorm scale and bias as (1, 1, 1, C) (the published files, pre-Linen Flax) or (C,) (today's Flax)."""
+    arrays = official.arrays(name)
+    gn = [k for k in arrays if "/" in k and k.split("/")[-2].startswith("gn")]
+    shapes = {arrays[k].shape for k in gn}
+    reshaped = {k: (v.reshape(v.shape[-1]) if len(v.shape) == 4 else v.reshape(1, 1, 1, -1)) if k in gn else v
+                for k, v in arrays.items()}
+    assert {reshaped[k].shape for k in gn} != shapes
+    x, logits = official.expected(name)
     with torch.no_grad():
-        assert max_diff(ours(x), reference(x)) < 1e-4
+        assert max_diff(load_model(official.write_npz(tmp_path / "h.npz", reshaped))(x), logits) < 2e-4
 
 
-def test_timm_avg_pool_without_class_token_or_fc_norm_is_vitlab_gap(tmp_path):
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-
-    reference = randomise(TimmViT(img_size=16, patch_size=4, embed_dim=64, depth=1, num_heads=1, num_classes=3,
-                                  global_pool="avg", class_token=False, fc_norm=False), seed=2)
-    ours = load_model(save_state(reference, tmp_path / "gap.safetensors"))
-    assert ours.cfg.classifier == "gap"
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert max_diff(ours(x), reference(x)) < 1e-4
+def test_the_published_layout_and_todays_give_the_same_model():
+    a, b = load_model(official.path("vit_jax_r_hybrid")), load_model(official.path("vit_jax_r_hybrid_published"))
+    assert a.cfg == b.cfg
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
-def test_timm_fc_norm_is_refused_naming_the_keys_and_why(tmp_path):
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-
-    model = TimmViT(img_size=16, patch_size=4, embed_dim=64, depth=1, num_heads=1, num_classes=3, global_pool="avg",
-                    class_token=False)  # fc_norm on by default with avg pooling, the final norm an identity
-    with pytest.raises(CheckpointError) as refused:
-        load_model(save_state(model, tmp_path / "fcnorm.safetensors"))
-    message = str(refused.value)
-    assert "nothing loaded" in message and "missing [norm.bias, norm.weight]" in message
-    assert "unexpected [fc_norm.bias, fc_norm.weight]" in message and "LayerNorm after pooling" in message
+# --------------------------------------------------------------------------------------------------------------
+# Written back: the published layout, array for array and shape for shape
+# --------------------------------------------------------------------------------------------------------------
 
 
-def test_hf_classification_model_equals_transformers(tmp_path):
-    reference = randomise(transformers.ViTForImageClassification(hf_config()), seed=3)
-    reference.save_pretrained(tmp_path / "hf")
-    ours = load_model(tmp_path / "hf")
-    assert (ours.cfg.gelu, ours.cfg.layer_norm_eps, ours.cfg.num_classes) == ("exact", 1e-12, 4)
-    x = torch.randn(3, 3, 16, 16)
-    with torch.no_grad():
-        assert max_diff(ours(x), reference(pixel_values=x).logits) < 1e-4
+def test_export_writes_the_published_file_itself(tmp_path):
+    """The hybrid in the published layout (which vit_jax's checkpoint.load reads back to the tree it was saved from,
+    tests/fixtures/make_official.py): loaded from today's layout or from it, exported, it is that file again."""
+    reference = official.arrays("vit_jax_r_hybrid_published")
+    for name in ("vit_jax_r_hybrid", "vit_jax_r_hybrid_published"):
+        out = read_npz(export_npz(load_model(official.path(name)), tmp_path / f"{name}.npz"))
+        assert sorted(out) == sorted(reference)
+        for k, v in reference.items():
+            assert out[k].dtype == v.dtype and out[k].shape == v.shape and np.array_equal(out[k], v), k
 
 
-def test_hf_gelu_and_eps_come_from_its_config(tmp_path):
-    reference = randomise(transformers.ViTForImageClassification(
-        hf_config(hidden_act="gelu_new", layer_norm_eps=1e-5, id2label={i: f"c{i}" for i in range(4)})), seed=4)
-    reference.save_pretrained(tmp_path / "hf")
-    ours = load_model(tmp_path / "hf" / "model.safetensors")  # the file: its config.json beside it is read
-    assert (ours.cfg.gelu, ours.cfg.layer_norm_eps, ours.cfg.class_names) == ("tanh", 1e-5, ("c0", "c1", "c2", "c3"))
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert max_diff(ours(x), reference(pixel_values=x).logits) < 1e-4
+@pytest.mark.parametrize("name", official.VIT_JAX)
+def test_export_round_trip_in_the_published_layout(tmp_path, name):
+    expected = official.published(official.arrays(name))  # the published names and GroupNorm shapes
+    model = load_model(official.path(name), source_grid=official.grid(name))
+    out = read_npz(export_npz(model, tmp_path / "out.npz"))
+    assert sorted(out) == sorted(expected)
+    for k, v in expected.items():  # the key bias too, which no logit can see
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape and np.array_equal(out[k], v), k
+    again = load_model(tmp_path / "out.npz")  # the sidecar gives back the grid, however it is shaped
+    assert again.cfg == model.cfg
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
 
 
-def test_hf_vit_model_pooler_is_the_pre_logits_layer(tmp_path):
-    reference = randomise(transformers.ViTModel(hf_config(), add_pooling_layer=True), seed=5)
-    reference.save_pretrained(tmp_path / "hf")
-    ours = load_model(tmp_path / "hf")
-    assert ours.cfg.representation_size == 32 and ours.cfg.num_classes == 0
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        out = reference(pixel_values=x)
-        assert max_diff(ours(x), out.pooler_output) < 1e-4  # no head: the model returns its pre-logits
-        assert max_diff(ours.forward_features(x), out.last_hidden_state) < 1e-4
-
-
-def test_a_mismatched_checkpoint_is_refused_listing_missing_and_unexpected(tmp_path):
-    randomise(transformers.ViTForImageClassification(hf_config()), seed=6).save_pretrained(tmp_path / "hf")
-    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
-    del sd["vit.encoder.layer.1.intermediate.dense.bias"]
-    sd["vit.encoder.layer.1.adapter.weight"] = torch.zeros(2)
-    save_state(sd, tmp_path / "hf" / "model.safetensors")
-    with pytest.raises(CheckpointError) as refused:
-        load_model(tmp_path / "hf")
-    message = str(refused.value)
-    assert str(tmp_path / "hf") in message and "not a Hugging Face ViT vitlab can load, nothing loaded" in message
-    assert "missing [vit.encoder.layer.1.intermediate.dense.bias]" in message
-    assert "unexpected [vit.encoder.layer.1.adapter.weight]" in message
-
-    with pytest.raises(CheckpointError, match="neither timm nor Hugging Face ViT names"):
-        load_model(save_state(torch.nn.Linear(2, 2), tmp_path / "linear.safetensors"))
-    (tmp_path / "pickled.bin").write_bytes(b"not unpickled")
-    with pytest.raises(CheckpointError, match="never unpickles"):
-        load_model(tmp_path / "pickled.bin")
-
-
-def timm_from_npz(path, *, grid, patch, hidden, layers, heads, mlp, num_classes, classifier="token", in_chans=3):
-    """timm's own VisionTransformer loaded with timm's own npz loader: the oracle."""
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-    from timm.models.vision_transformer import _load_weights
-
-    gap = classifier == "gap"
-    model = TimmViT(
-        img_size=(grid[0] * patch[0], grid[1] * patch[1]), patch_size=patch, in_chans=in_chans, num_classes=num_classes,
-        embed_dim=hidden, depth=layers, num_heads=heads, mlp_ratio=mlp / hidden,
-        class_token=not gap, global_pool="avg" if gap else "token", fc_norm=False,
-    )
-    _load_weights(model, str(path))
-    return model.eval()
-
-
-CASES = [  # (image grid, patch): square and non-square, at two resolutions
-    ((4, 4), (4, 4)),
-    ((6, 6), (4, 4)),
-    ((3, 5), (4, 4)),
-    ((4, 6), (2, 3)),
-]
-
-
-@pytest.mark.parametrize("grid,patch", CASES)
-@pytest.mark.parametrize("classifier", ["token", "gap"])
-def test_npz_logits_equal_timm(tmp_path, grid, patch, classifier):
-    arrays = official_arrays(grid=grid, patch=patch, classifier=classifier, seed=1)
-    path = write_npz(tmp_path / "vit.npz", arrays)
-    reference = timm_from_npz(path, grid=grid, patch=patch, hidden=32, layers=2, heads=4, mlp=64, num_classes=7,
-                              classifier=classifier)
-    ours = load_model(path, gelu="exact", source_grid=grid)
-    assert not ours.training and ours.cfg.classifier == classifier
-    x = torch.randn(4, 3, grid[0] * patch[0], grid[1] * patch[1])
-    with torch.no_grad():
-        diff = (ours(x) - reference(x)).abs().max().item()
-    assert diff < 1e-4, diff
-
-
-@pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
-def test_npz_with_representation_size_equals_timm_plus_pre_logits(tmp_path, grid):
-    """timm dropped the pre-logits layer, so the oracle is timm's [class] features through tanh(Dense) and the
-    head, applied here in numpy from the file's own arrays."""
-    arrays = official_arrays(grid=grid, representation_size=24, seed=2)
-    path = write_npz(tmp_path / "vit.npz", arrays)
-    reference = timm_from_npz(path, grid=grid, patch=(4, 4), hidden=32, layers=2, heads=4, mlp=64, num_classes=0)
-    ours = load_model(path, gelu="exact", source_grid=grid)
-    assert ours.cfg.representation_size == 24
-    x = torch.randn(3, 3, grid[0] * 4, grid[1] * 4)
-    with torch.no_grad():
-        features = reference.forward_head(reference.forward_features(x), pre_logits=True).double().numpy()
-        pre = np.tanh(features @ arrays["pre_logits/kernel"] + arrays["pre_logits/bias"])
-        expected = pre @ arrays["head/kernel"] + arrays["head/bias"]
-        diff = np.abs(ours(x).double().numpy() - expected).max()
-    assert diff < 1e-4, diff
-
-
-def test_npz_config_read_from_shapes(tmp_path):
-    path = write_npz(tmp_path / "vit.npz", official_arrays(in_chans=1, patch=(2, 2), hidden=48, layers=3, heads=6,
-                                                           mlp=96, grid=(5, 5), num_classes=4, representation_size=16))
-    cfg = load_model(path).cfg
-    assert (cfg.in_chans, cfg.patch_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_dim) == (
-        1, (2, 2), 48, 3, 6, 96)
-    assert (cfg.image_size, cfg.num_classes, cfg.representation_size, cfg.classifier) == ((10, 10), 4, 16, "token")
-    assert cfg.gelu == "tanh" and cfg.mean == (0.5,) and cfg.std == (0.5,)  # official: tanh GELU, inputs in [-1, 1]
-
-
-@pytest.mark.parametrize("kw", [dict(), dict(representation_size=12), dict(classifier="gap"), dict(num_classes=0)])
-def test_npz_round_trip_bit_for_bit(tmp_path, kw):
-    arrays = official_arrays(seed=3, **kw)
-    path = write_npz(tmp_path / "in.npz", arrays)
-    out = export_npz(load_model(path), tmp_path / "out.npz")
-    again = read_npz(out)
-    assert sorted(again) == sorted(arrays)
-    for k, v in arrays.items():  # the key bias too, which no logit can see
-        assert again[k].dtype == v.dtype and again[k].shape == v.shape, k
-        assert np.array_equal(again[k], v), k
+def test_an_official_file_without_a_head(tmp_path):
+    """num_classes=0 in vit_jax writes no head arrays: the model returns its representation."""
+    arrays = {k: v for k, v in official.arrays("vit_jax_vit_pre_logits").items() if not k.startswith("head/")}
+    model = load_model(official.write_npz(tmp_path / "nohead.npz", arrays))
+    assert model.cfg.num_classes == 0 and model.cfg.representation_size == 24
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 24)
+    out = read_npz(export_npz(model, tmp_path / "out.npz"))
+    assert sorted(out) == sorted(official.published(arrays))
 
 
 def test_npz_through_vitlab_checkpoint_round_trip(tmp_path):
-    arrays = official_arrays(seed=4, representation_size=8)
-    src = write_npz(tmp_path / "in.npz", arrays)
-    save_checkpoint(load_model(src), tmp_path / "ckpt")
+    save_checkpoint(load_model(official.path("vit_jax_vit_pre_logits")), tmp_path / "ckpt")
     exported = state_dict_to_npz(load_model(tmp_path / "ckpt"))
-    assert all(np.array_equal(exported[k], v) for k, v in arrays.items())
+    expected = official.published(official.arrays("vit_jax_vit_pre_logits"))
+    assert sorted(exported) == sorted(expected) and all(np.array_equal(exported[k], v) for k, v in expected.items())
+
+
+def test_hybrid_round_trip_config_and_new_resolution(tmp_path):
+    model = load_model(official.path("vit_jax_r1-1_hybrid"))
+    assert model.cfg.resnet_width_factor == 0.5 and model.cfg.image_size == (32, 32) and model.cfg.stem_stride == 8
+    save_checkpoint(model, tmp_path / "ckpt")
+    assert read_config(tmp_path / "ckpt") == model.cfg
+    # a new resolution: the position embeddings interpolated over the stem's grid
+    bigger = adapt(model, image_size=64)
+    assert bigger.pos_embed.shape == (1, 8 * 8 + 1, 32) and bigger(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+
+
+def test_bit_published_layout_loads_and_writes_back(tmp_path):
+    """BiT's TensorFlow names (resnet/block1/unit01/a/group_norm/gamma, ...): the stages, their units and the width
+    read from the arrays; written back, the file itself."""
+    cfg, _, kind = _read_source(official.path("big_transfer_bit"), None, None)
+    assert kind == "bit" and isinstance(cfg, ResNetConfig)
+    assert (cfg.num_layers, cfg.width_factor, cfg.num_classes, cfg.in_chans) == ((2,), 0.5, 10, 3)
+    reference = official.arrays("big_transfer_bit")
+    out = read_npz(export_npz(load_model(official.path("big_transfer_bit")), tmp_path / "bit.npz"))
+    assert sorted(out) == sorted(reference)
+    for k, v in reference.items():
+        assert out[k].shape == v.shape and np.array_equal(out[k], v), k
+
+
+def test_bit_names_a_known_depth():
+    cfg = ResNetConfig(num_layers=(3, 4, 6, 3), width_factor=1, num_classes=5)
+    from vitlab.formats import bit_npz_config, npz_names
+
+    shapes = {"resnet/root_block/standardized_conv2d/kernel": (7, 7, 3, 64), "resnet/head/conv2d/kernel": (1, 1, 8, 5)}
+    arrays = {key: np.zeros(shapes.get(key, (1,)), np.float32) for _, keys, _ in npz_names(cfg) for key in keys}
+    assert "resnet/block3/unit06/c/standardized_conv2d/kernel" in arrays  # two digits, from 01
+    assert bit_npz_config(arrays).name == "BiT-R50x1"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Broken and unknown files: one line, naming the file and what is wrong
+# --------------------------------------------------------------------------------------------------------------
 
 
 def test_empty_truncated_unrelated_npz(tmp_path):
@@ -215,7 +158,7 @@ def test_empty_truncated_unrelated_npz(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"empty\.npz: the file is empty"):
         load_model(empty)
-    good = write_npz(tmp_path / "good.npz", official_arrays())
+    good = official.path("vit_jax_vit")
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"truncated\.npz: not a readable \.npz file"):
@@ -224,19 +167,17 @@ def test_empty_truncated_unrelated_npz(tmp_path):
     text.write_text("these are not weights\n")
     with pytest.raises(CheckpointError, match=r"notes\.npz: not an \.npz archive"):
         load_model(text)
-    missing = tmp_path / "nothere.npz"
     with pytest.raises(CheckpointError, match=r"nothere\.npz: no such file"):
-        load_model(missing)
+        load_model(tmp_path / "nothere.npz")
 
 
 def test_pickled_npz_is_refused_not_unpickled(tmp_path):
     sentinel = tmp_path / "sentinel"
-    path = tmp_path / "weights.npz"
-    arrays = official_arrays()
+    arrays = official.arrays("vit_jax_vit")
     arrays["embedding/kernel"] = np.array([Payload(sentinel)], dtype=object)
-    np.savez(path, **arrays)
+    np.savez(tmp_path / "weights.npz", **arrays)
     with pytest.raises(CheckpointError, match=r"array 'embedding/kernel' holds pickled Python objects"):
-        load_model(path)
+        load_model(tmp_path / "weights.npz")
     assert not sentinel.exists()
 
 
@@ -252,119 +193,55 @@ def test_pickled_weights_are_refused_by_extension_and_by_content(tmp_path, name)
     (tmp_path / "model.safetensors").write_bytes((tmp_path / name).read_bytes())
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_model(tmp_path / "model.safetensors")
+    # and under another name, read for what its bytes are (a zip archive): its names, never its pickle
+    (tmp_path / "weights").write_bytes((tmp_path / name).read_bytes())
+    with pytest.raises(CheckpointError, match=r"a layout vitlab does not know: its first arrays are \[\w+/\.data/"):
+        load_model(tmp_path / "weights")
     assert not sentinel.exists()
 
 
-def test_unrelated_npz(tmp_path):
-    path = tmp_path / "other.npz"
-    np.savez(path, weights=np.zeros(3))
-    with pytest.raises(CheckpointError, match=r"other\.npz: missing array 'embedding/kernel'"):
-        load_model(path)
+def test_an_unknown_layout_names_what_it_holds_and_what_is_known(tmp_path):
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3), bias=np.zeros(1))
+    with pytest.raises(CheckpointError) as refused:
+        load_model(tmp_path / "other.npz")
+    message = str(refused.value)
+    assert "other.npz: an .npz of a layout vitlab does not know: its first arrays are [bias, weights]" in message
+    assert "embedding/kernel" in message and "resnet/root_block/standardized_conv2d/kernel" in message
+    save_state(torch.nn.Linear(2, 2), tmp_path / "linear.safetensors")
+    with pytest.raises(CheckpointError, match=r"neither timm nor Hugging Face ViT names: its first tensors are "
+                                              r"\[bias, weight\]; known safetensors layouts: .*patch_embed"):
+        load_model(tmp_path / "linear.safetensors")
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(CheckpointError, match=r"notes\.txt: not a checkpoint layout vitlab knows .*hf-hub:ORG/NAME"):
+        load_model(tmp_path / "notes.txt")
 
 
 def test_npz_with_inconsistent_arrays(tmp_path):
-    arrays = official_arrays()
-    arrays["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"] = np.zeros((32, 50), np.float32)
-    path = write_npz(tmp_path / "bad.npz", arrays)
+    arrays = official.arrays("vit_jax_vit")
+    arrays["Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel"] = np.zeros((32, 50), np.float32)
     with pytest.raises(CheckpointError, match=r"bad\.npz: blocks\.1\.mlp\.fc1\.weight has shape \(50, 32\)"):
-        load_model(path)
-    del arrays["Transformer/encoderblock_1/LayerNorm_2/scale"]
-    path = write_npz(tmp_path / "incomplete.npz", arrays)
-    with pytest.raises(CheckpointError, match=r"incomplete\.npz: missing array 'Transformer/encoderblock_1/LayerNorm_2/scale'"):
-        load_model(path)
+        load_model(official.write_npz(tmp_path / "bad.npz", arrays))
+    del arrays["Transformer/encoderblock_1/LayerNorm_1/scale"]  # named as the file names it
+    with pytest.raises(CheckpointError, match=r"incomplete\.npz: missing array 'Transformer/encoderblock_1/"
+                                              r"LayerNorm_1/scale'"):
+        load_model(official.write_npz(tmp_path / "incomplete.npz", arrays))
 
 
-def test_non_square_npz_needs_its_grid(tmp_path):
-    path = write_npz(tmp_path / "wide.npz", official_arrays(grid=(3, 5)))
-    with pytest.raises(CheckpointError, match=r"wide\.npz: 15 position embeddings do not form a square grid"):
+def test_non_square_npz_needs_its_grid():
+    path = official.path("vit_jax_vit_gap")
+    with pytest.raises(CheckpointError, match=r"vit_jax_vit_gap\.npz: 15 position embeddings do not form a square "
+                                              "grid"):
         load_model(path)
     assert load_model(path, source_grid=(3, 5)).cfg.image_size == (12, 20)
 
 
-def timm_hybrid(path, *, layers, hidden, depth, heads, mlp, image, num_classes):
-    """timm's own hybrid ViT (ResNetV2 stem, HybridEmbed) loaded with timm's own npz loader: the oracle."""
-    from functools import partial
-
-    from timm.layers import HybridEmbed, StdConv2dSame
-    from timm.models.resnetv2 import ResNetV2, create_resnetv2_stem
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-    from timm.models.vision_transformer import _load_weights
-
-    conv = partial(StdConv2dSame, eps=1e-8)
-    if layers:
-        backbone = ResNetV2(layers=layers, num_classes=0, global_pool="", preact=False, stem_type="same",
-                            conv_layer=conv, width_factor=1)
-    else:
-        backbone = create_resnetv2_stem(3, stem_type="same", preact=False, conv_layer=conv)
-    model = TimmViT(img_size=image, patch_size=1, num_classes=num_classes, embed_dim=hidden, depth=depth,
-                    num_heads=heads, mlp_ratio=mlp / hidden,
-                    embed_layer=partial(HybridEmbed, backbone=backbone))
-    _load_weights(model, str(path))
-    return model.eval()
-
-
-def as_timm_numerics(model):
-    """The same model with timm's hybrid numerics: weights standardised as (w - m) / sqrt(var + 1e-8), GroupNorm
-    eps 1e-5 (the official code: (w - m) / (std + 1e-5) and eps 1e-6)."""
-    for m in model.modules():
-        if isinstance(m, StdConv2d):
-            m.eps, m.form = 1e-8, "var"
-        elif isinstance(m, torch.nn.GroupNorm):
-            m.eps = 1e-5
-    return model
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("layers", [(3, 4, 9), (2, 2, 2, 2), (1, 2), ()])
-def test_hybrid_npz_logits_equal_timm(tmp_path, layers):
-    """An official hybrid npz, written key by key: its stem's depths come from its arrays (any, not only
-    (3, 4, 9)), and the logits are timm's for the same file."""
-    width, stride = 64, 4 * 2 ** max(len(layers) - 1, 0)
-    image = 2 * stride if len(layers) > 2 else 4 * stride
-    grid = (image // stride,) * 2
-    arrays = hybrid_arrays(num_layers=layers, width=width, hidden=32, layers=2, heads=4, mlp=64, grid=grid,
-                           num_classes=7, scale=0.2)
-    path = write_npz(tmp_path / "R_hybrid.npz", arrays)
-    ours = load_model(path, gelu="exact")  # timm runs the exact GELU
-    assert ours.cfg.resnet_num_layers == layers and ours.cfg.resnet_width_factor == 1
-    assert ours.cfg.image_size == (image, image) and ours.cfg.patch_size == (1, 1)
-    theirs = timm_hybrid(path, layers=layers, hidden=32, depth=2, heads=4, mlp=64, image=image, num_classes=7)
-    x = torch.randn(3, 3, image, image)
-    with torch.no_grad():
-        expected = theirs(x)
-        official = ours(x)
-        same_numerics = as_timm_numerics(ours)(x)
-    assert expected.std() > 0.1
-    # with timm's epsilons the two are the same computation
-    assert (same_numerics - expected).abs().max() < 1e-4
-    # with the official ones (ours by default) they differ by what the epsilons make, and no more
-    assert (official - expected).abs().max() < 2e-3 * expected.abs().max()
-
-
-def test_hybrid_npz_round_trip_and_config(tmp_path):
-    arrays = hybrid_arrays(num_layers=(1, 2), width=32, hidden=32, layers=1, heads=2, mlp=32, grid=(2, 2),
-                           num_classes=3)
-    path = write_npz(tmp_path / "h.npz", arrays)
-    model = load_model(path)
-    assert model.cfg.resnet_width_factor == 0.5 and model.cfg.image_size == (16, 16)
-    export_npz(model, tmp_path / "again.npz")
-    again = np.load(tmp_path / "again.npz")
-    assert sorted(again.files) == sorted(arrays)
-    for k in arrays:
-        np.testing.assert_array_equal(again[k], arrays[k], err_msg=k)
-    save_checkpoint(model, tmp_path / "ckpt")
-    assert read_config(tmp_path / "ckpt") == model.cfg
-    # a new resolution: the position embeddings interpolated over the stem's grid
-    bigger = adapt(model, image_size=32)
-    assert bigger.pos_embed.shape == (1, 4 * 4 + 1, 32) and bigger(torch.randn(1, 3, 32, 32)).shape == (1, 3)
-
-
-def test_hybrid_npz_with_missing_units_is_refused(tmp_path):
-    arrays = hybrid_arrays(num_layers=(2,), width=32, hidden=32, layers=1, heads=2, mlp=32, grid=(2, 2))
-    for k in [k for k in arrays if k.startswith("block1/unit1/")]:
-        del arrays[k]
+def test_stems_with_missing_units_are_refused(tmp_path):
+    arrays = {k: v for k, v in official.arrays("vit_jax_r1-1_hybrid").items() if not k.startswith("block1/unit1/")}
     with pytest.raises(CheckpointError, match="not numbered"):
-        load_model(write_npz(tmp_path / "h.npz", arrays))
+        load_model(official.write_npz(tmp_path / "h.npz", arrays))
+    arrays = {k: v for k, v in official.arrays("big_transfer_bit").items() if "/unit01/" not in k}
+    with pytest.raises(CheckpointError, match="not numbered"):
+        load_model(official.write_npz(tmp_path / "bit.npz", arrays))
 
 
 def test_a_sincos_model_exports_its_fixed_embeddings_so_the_npz_computes_the_same_logits(tmp_path):
@@ -378,4 +255,3 @@ def test_a_sincos_model_exports_its_fixed_embeddings_so_the_npz_computes_the_sam
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-

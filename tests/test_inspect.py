@@ -10,9 +10,9 @@ import sys
 from html.parser import HTMLParser
 
 import numpy as np
+import official
 import pytest
 import torch
-from official import official_arrays, write_npz
 from PIL import Image
 from scipy.spatial.distance import cdist
 
@@ -286,28 +286,27 @@ def test_inspect_a_checkpoint_with_image_files(tmp_path):
 
 
 def test_inspect_an_official_npz_on_a_data_folder(tmp_path, capsys):
-    """A gap model in the official layout (no [class] token), grey images from folder:PATH's val split."""
-    npz = write_npz(tmp_path / "gap.npz", official_arrays(in_chans=1, patch=(2, 4), grid=(4, 4), classifier="gap",
-                                                         num_classes=2, layers=2, heads=2, hidden=16, mlp=16))
+    """A gap model as vit_jax wrote it (no [class] token, a 3x5 grid), grey images from folder:PATH's val split."""
+    npz = official.path("vit_jax_vit_gap")
     for split, seed in (("train", 1), ("val", 2)):
         for k, name in enumerate(("ant", "bee")):
             write_pngs(tmp_path / "folder" / split / name, [(8, 16), (10, 10)], channels=1, seed=seed + 10 * k)
     out = tmp_path / "out"
     argv = ["inspect", str(npz), "--data", f"folder:{tmp_path / 'folder'}", "--num-images", "3", "--out", str(out),
-            "--num-components", "6"]
+            "--num-components", "6", "--source-grid", "3x5"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert_page_shows_every_figure(out, set(vi.FIGURES.values()))
     report = json.loads((out / "inspect.json").read_text())
-    assert report["model"]["classifier"] == "gap" and report["model"]["grid_size"] == [4, 4]
+    assert report["model"]["classifier"] == "gap" and report["model"]["grid_size"] == [3, 5]
     assert report["images"]["count"] == 3 and "val split" in report["images"]["source"]
     assert [p["label"] for p in report["images"]["predictions"]] == ["ant", "ant", "bee"]
-    assert np.array(report["mean_attention_distance"]).shape == (2, 2)
+    assert np.array(report["mean_attention_distance"]).shape == (2, 4)
     assert "mean over all query rows" in report["attention_rollout"]["row"]
     assert "no [class] token" in (out / "index.html").read_text()
 
 
 def test_inspect_without_images_draws_the_weight_figures(tmp_path, capsys):
-    npz = write_npz(tmp_path / "vit.npz", official_arrays())
+    npz = official.path("vit_jax_vit")
     assert cli.main(["inspect", str(npz), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "skipped mean attention distance: no images given" in printed
@@ -320,7 +319,7 @@ def test_inspect_without_images_draws_the_weight_figures(tmp_path, capsys):
     ("bad image", "cannot decode image"),
 ])
 def test_errors_are_one_line_naming_the_file(tmp_path, capsys, case, fragment):
-    ckpt = write_npz(tmp_path / "vit.npz", official_arrays())
+    ckpt = official.path("vit_jax_vit")
     images = write_pngs(tmp_path / "images", [(16, 16)])
     if case == "missing":
         ckpt = tmp_path / "missing.npz"

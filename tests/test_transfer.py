@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import official
 import pytest
 import scipy.ndimage
 import timm
 import torch
 import transformers
 from checkpoints import hf_config, randomise, tiny_source
-from official import official_arrays, write_npz
 from tiny import fashion_dir, world  # noqa: F401 (fixtures)
 
 from vitlab import cli
@@ -136,11 +136,10 @@ def test_sincos_embeddings_are_computed_for_the_new_grid_not_interpolated():
 
 
 def test_load_at_another_resolution(tmp_path):
-    arrays = official_arrays(grid=(4, 4), seed=5)
-    path = write_npz(tmp_path / "vit.npz", arrays)
+    path = official.path("vit_jax_vit")  # 16 px, 4x4 patches of 4
     model = load_model(path, image_size=(24, 32))
     assert model.cfg.image_size == (24, 32) and model.pos_embed.shape == (1, 1 + 6 * 8, 32)
-    pe = torch.from_numpy(arrays["Transformer/posembed_input/pos_embedding"])
+    pe = torch.from_numpy(official.arrays("vit_jax_vit")["Transformer/posembed_input/pos_embedding"])
     assert torch.equal(model.pos_embed[:, :1], pe[:, :1])
     assert torch.allclose(model.pos_embed, resize_pos_embed(pe, (4, 4), (6, 8)))
     assert model(torch.zeros(1, 3, 24, 32)).shape == (1, 7)
@@ -149,7 +148,7 @@ def test_load_at_another_resolution(tmp_path):
 
 
 def test_new_head_is_zero_and_rest_kept(tmp_path):
-    path = write_npz(tmp_path / "vit.npz", official_arrays(seed=6))
+    path = official.path("vit_jax_vit")
     model = load_model(path, num_classes=3)
     assert model.head.weight.shape == (3, 32) and torch.count_nonzero(model.head.weight) == 0
     base = load_model(path)

@@ -21,6 +21,7 @@ _EXPORTS = {
     "bit_config": "resnet",
     "create_model": "model",
     "export_npz": "formats",
+    "export_onnx": "onnx_export",
     "load_model": "weights",
     "model_config": "model",
     "predict": "evaluate",

@@ -104,7 +104,7 @@ def cmd_convert(args) -> None:
               "scores the same until a head is fine-tuned (vitlab finetune)")
     out = save_checkpoint(model, out)
     cfg = model.cfg
-    if not hasattr(cfg, "hidden_size"):  # a BiT ResNet (a vitlab checkpoint converted to itself)
+    if not hasattr(cfg, "hidden_size"):  # a BiT ResNet
         print(f"wrote {out}: {cfg.name or 'BiT ResNet'}, stages {cfg.num_layers}, width factor {cfg.width_factor}, "
               f"image {cfg.image_size[0]}x{cfg.image_size[1]}, {cfg.num_classes} classes")
         return
@@ -142,9 +142,19 @@ def cmd_export(args) -> None:
     from .formats import export_npz, sidecar_path
     from .weights import load_model
 
-    path = export_npz(load_model(args.ckpt), _out(args))
-    print(f"wrote {path} (official vit_jax layout) and {sidecar_path(path)} (image size, normalisation, class names, "
-          "GELU form: what the official layout has no place for; load_model and convert read it back)")
+    out = _out(args)
+    model = load_model(args.ckpt)
+    if out.suffix == ".onnx":
+        from .onnx_export import OPSET, export_onnx
+
+        path = export_onnx(model, out)
+        print(f"wrote {path} (ONNX opset {OPSET}, float32 images (B, C, H, W) of any batch size in, logits out; the "
+              "input normalisation, image size and class names in its metadata)")
+        return
+    path = export_npz(model, out)
+    layout = "BiT's published layout" if not hasattr(model.cfg, "hidden_size") else "the official vit_jax layout"
+    print(f"wrote {path} ({layout}) and {sidecar_path(path)} (image size, normalisation, class names, GELU form: "
+          "what the layout has no place for; load_model and convert read it back)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -450,8 +460,8 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
-CHECKPOINT_HELP = ("a vitlab checkpoint or run directory, an official .npz, or timm or Hugging Face safetensors (a file, "
-                   "or the directory holding it and its config.json)")
+CHECKPOINT_HELP = ("a vitlab checkpoint or run directory, an official .npz (ViT, hybrid or BiT), timm or Hugging Face "
+                   "safetensors (a file, or the directory holding it and its config.json), or hf-hub:ORG/NAME")
 PRECISION_HELP = "auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32"
 
 
@@ -471,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the table to this JSON file")
     p.set_defaults(func=cmd_models)
 
-    p = command("convert", help="convert an official .npz, timm or Hugging Face weights into a vitlab checkpoint")
+    p = command("convert", help="convert official .npz, timm or Hugging Face weights (or hf-hub:ORG/NAME) into a "
+                                "vitlab checkpoint")
     p.add_argument("src", help=CHECKPOINT_HELP)
     _add_out(p, "output directory (config.json + model.safetensors)")
     p.add_argument("--image-size", type=_size, default=None, help="new resolution: position embeddings resized in 2-D")
@@ -487,9 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_hints(p)
     p.set_defaults(func=cmd_convert)
 
-    p = command("export", help="write a checkpoint in the official vit_jax .npz layout (and NAME.npz.json beside it)")
+    p = command("export", help="write a checkpoint as the official files are (.npz, and NAME.npz.json beside it) or "
+                               "as an ONNX graph (.onnx)")
     p.add_argument("ckpt", help=CHECKPOINT_HELP)
-    _add_out(p, "output .npz file")
+    _add_out(p, "output file: NAME.npz (vit_jax's layout, BiT's for a BiT ResNet) or NAME.onnx")
     p.set_defaults(func=cmd_export)
 
     _add_training(command)
@@ -566,7 +578,7 @@ def _add_evaluation(command) -> None:
     p = command("eval", help="top-1 / top-5 accuracy of a checkpoint on a labelled set",
                 description="Top-1 and top-5 accuracy on a data spec's val or test split, or on all of a set that has "
                             "neither (WebDataset shards, a folder of class folders).")
-    p.add_argument("ckpt", type=Path, help=CHECKPOINT_HELP)
+    p.add_argument("ckpt", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help=spec_help("the data to evaluate on"))
     p.add_argument("--split", choices=("test", "val"), default=None, help="default: val if there is one, else test")
     p.add_argument("--val-split", type=float, default=None,
@@ -586,7 +598,7 @@ def _add_evaluation(command) -> None:
                 description="The paper's few-shot evaluation: k images per class (drawn per seed), their frozen "
                             "features mapped to {-1,1}^K by L2-regularised least squares, accuracy on the held-out "
                             "split; mean and std over seeds.")
-    p.add_argument("ckpt", type=Path, help=CHECKPOINT_HELP)
+    p.add_argument("ckpt", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help=spec_help("the data to evaluate on"))
     p.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25], help="images per class")
     p.add_argument("--seeds", type=int, default=5, help="draws of the shots, seeds 0..N-1")
@@ -602,7 +614,7 @@ def _add_evaluation(command) -> None:
     p.set_defaults(func=cmd_fewshot)
 
     p = command("predict", help="the most probable classes of image files")
-    p.add_argument("ckpt", type=Path, help=CHECKPOINT_HELP)
+    p.add_argument("ckpt", help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files (PNG, JPEG, ...), directories of them, or glob patterns")
     p.add_argument("--top-k", type=int, default=5, help="classes shown per image")
@@ -612,7 +624,7 @@ def _add_evaluation(command) -> None:
 
     p = command("inspect", help="the paper's figures for a checkpoint: filters, position similarity, attention "
                                 "distance, attention rollout, on one HTML page")
-    p.add_argument("ckpt", type=Path, help=CHECKPOINT_HELP)
+    p.add_argument("ckpt", help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files for the attention figures")
     p.add_argument("--images", nargs="+", dest="image_flag", metavar="IMAGE", default=None,
                    help="the same as the positional IMAGEs")

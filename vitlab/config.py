@@ -76,7 +76,8 @@ class TrainConfig(Config):
     objective: Literal["classification", "mpp"] = _opt(
         "classification", "classification (labels) or mpp: masked patch prediction, self-supervised (section 4.6)")
     init: str | None = _opt(None, "start from pretrained weights (fine-tuning): a vitlab checkpoint or run DIR, an "
-                                  "official .npz, or a timm or Hugging Face ViT in safetensors (file or directory)")
+                                  "official .npz (ViT, hybrid or BiT), a timm or Hugging Face ViT in safetensors (file "
+                                  "or directory), or hf-hub:ORG/NAME")
     keep_pre_logits: bool = _opt(False, "with --init: keep the source's pre-logits layer (the paper drops it)")
     hidden_size: int | None = _opt(None, "override the variant's width D")
     num_layers: int | None = _opt(None, "override the variant's depth L")

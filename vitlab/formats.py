@@ -1,5 +1,6 @@
-"""Other people's checkpoint files: the official `vit_jax` .npz layout (both directions, from one name table),
-timm's and Hugging Face's ViTs in safetensors. `vitlab.weights.load_model` reads them all through here.
+"""Other people's checkpoint files, part 1: the official .npz files, the ViT and hybrid ones of `vit_jax` (both
+directions, from one name table) and BiT's published ResNets. Part 2, timm's and Hugging Face's safetensors, is
+vitlab.timm_hf; `vitlab.weights.load_model` reads them all.
 
 Nothing here ever unpickles a file: `np.load(allow_pickle=False)` for npz, safetensors for the others.
 
@@ -18,6 +19,18 @@ as (H, W, C_in, C_out), and attention projections split per head):
     pre_logits/kernel (D, R)                         pre_logits.fc
     head/kernel (R or D, K)                          head
 
+Two generations of the official code wrote these files, and vitlab reads both:
+
+- The published files (ViT-B_16.npz, R50+ViT-B_16.npz, the AugReg files) were written by the pre-Linen Flax
+  API, which numbered a block's submodules together (LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2,
+  MlpBlock_3) and kept GroupNorm's scale and bias as (1, 1, 1, C).
+- Today's `vit_jax` (Flax Linen) numbers each kind apart (LayerNorm_0, MultiHeadDotProductAttention_0,
+  LayerNorm_1, MlpBlock_0) and keeps GroupNorm's as (C,). Its `checkpoint.load` reads the published files by
+  renaming them (`convert_pre_linen`) and squeezing the GroupNorm arrays (`_fix_groupnorm`, Flax issue #1721);
+  timm's `_load_weights` reads them as they are (its `_n2p` flattens the (1, 1, 1, C) arrays).
+
+`export_npz` writes the published layout, array for array and shape for shape: the one both readers take.
+
 A hybrid's npz (R50+ViT-B_16.npz) adds its ResNet stem, whose arrays also give its configuration (the width
 from conv_root, the stages and their units from the blockI/unitJ names), and its `embedding` reads the stem's
 feature map:
@@ -27,22 +40,15 @@ feature map:
     blockI/unitJ/{conv1,conv2,conv3,conv_proj}/kernel   patch_embed.backbone.stages.(I-1).units.(J-1).<same>
     blockI/unitJ/{gn1,gn2,gn3,gn_proj}/{scale,bias}     patch_embed.backbone.stages.(I-1).units.(J-1).<same>
 
-timm's names are vitlab's own (vitlab took them from timm); what differs is the exact GELU and the input
-normalisation in its `pretrained_cfg`. Hugging Face's (`ViTForImageClassification` has the `vit.` prefix,
-`ViTModel` none and optionally a pooler):
+BiT's published files (BiT-M-R50x1.npz; big_transfer's `bit_pytorch/models.py` `load_from` is their reader) use
+TensorFlow's names under `resnet/`, and give the width and the units per stage in the same way:
 
-    embeddings.cls_token                             cls_token
-    embeddings.position_embeddings                   pos_embed
-    embeddings.patch_embeddings.projection           patch_embed.proj
-    encoder.layer.i.layernorm_before                 blocks.i.norm1
-    encoder.layer.i.attention.attention.{query,key,value}   blocks.i.attn.qkv, the three stacked on the output axis
-    encoder.layer.i.attention.output.dense           blocks.i.attn.proj
-    encoder.layer.i.layernorm_after                  blocks.i.norm2
-    encoder.layer.i.intermediate.dense               blocks.i.mlp.fc1
-    encoder.layer.i.output.dense                     blocks.i.mlp.fc2
-    layernorm                                        norm
-    pooler.dense (then tanh)                         pre_logits.fc: the pooler *is* the pre-logits layer
-    classifier                                       head
+    root_block/standardized_conv2d/kernel            conv_root.weight
+    blockI/unitJJ/{a,b,c}/group_norm/{gamma,beta}    stages.(I-1).units.(JJ-1).gn{1,2,3}.{weight,bias}
+    blockI/unitJJ/{a,b,c}/standardized_conv2d/kernel stages.(I-1).units.(JJ-1).conv{1,2,3}.weight
+    blockI/unitJJ/a/proj/standardized_conv2d/kernel  stages.(I-1).units.(JJ-1).conv_proj.weight
+    group_norm/{gamma,beta}                          norm.{weight,bias}
+    head/conv2d/kernel (1, 1, C, K), bias            head.{weight,bias} (a 1x1 convolution there, a Linear here)
 """
 
 from __future__ import annotations
@@ -62,14 +68,18 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from .common import CheckpointError, ConfigError, atomic_write, atomic_write_text
-from .model import VARIANTS, ViTConfig
-from .resnet import hybrid_channels, hybrid_stride
+from .model import ViTConfig
+from .resnet import RESNET_DEPTHS, ResNetConfig, hybrid_channels, hybrid_stride
 from .runtime import unwrap
 
 # The file names of a checkpoint directory: vitlab's, and those timm and transformers write.
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PICKLED = (".bin", ".pth", ".pt", ".ckpt")  # PyTorch's pickled checkpoints: refused by name, never opened
+# What an .npz of each known layout holds, for the error that names what an unknown one holds.
+NPZ_LAYOUTS = ("the official ViT and hybrid files (embedding/kernel, Transformer/encoderblock_0/..., conv_root/...), "
+               "BiT's (resnet/root_block/standardized_conv2d/kernel, resnet/block1/unit01/...)")
+
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, or a CheckpointError naming it."""
@@ -85,8 +95,10 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Official npz files (vit_jax layout)
+# Official npz files
 # --------------------------------------------------------------------------------------------------------------
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All arrays of an .npz file, never unpickling; a CheckpointError naming the file otherwise."""
     path = Path(path)
@@ -116,6 +128,64 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: not a readable .npz file ({str(e).splitlines()[0] or type(e).__name__})") from None
+
+
+def read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else None
+
+
+def import_npz(path: Path, source_grid: tuple[int, int] | None = None) -> tuple[ViTConfig | ResNetConfig,
+                                                                             dict[str, torch.Tensor], str]:
+    """(config, vitlab weights, "npz" | "bit") of an .npz file: an official ViT or hybrid, or a BiT ResNet, told
+    apart by their names; the NAME.npz.json beside it, if any, adds what the layout has no place for."""
+    arrays = read_npz(path)
+    spelled = str  # how the file spells a published name, for the errors
+    if "embedding/kernel" in arrays:
+        renamed = published_names(arrays)
+        if renamed is not arrays:
+            spelled = _linen_name
+        arrays = renamed
+        cfg = apply_sidecar(npz_config(arrays, path, source_grid, read_sidecar(path).get("image_size")), path)
+        kind = "npz"
+    elif BIT_ROOT in arrays:
+        cfg, kind = apply_sidecar(bit_npz_config(arrays, path), path), "bit"
+    else:
+        raise CheckpointError(f"{path}: an .npz of a layout vitlab does not know: its first arrays are "
+                              f"{shown(sorted(arrays), 4)}; known .npz layouts: {NPZ_LAYOUTS}")
+    try:
+        return cfg, npz_to_state_dict(arrays, cfg), kind
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing array {spelled(e.args[0])!r}: not a complete checkpoint") from None
+    except RuntimeError as e:  # a reshape that does not fit: one layer's arrays disagree with the others
+        raise CheckpointError(f"{path}: arrays do not fit one model ({str(e).splitlines()[0]})") from None
+
+
+# Flax Linen's names of an encoder block's parts -> the published files' (pre-Linen) names: the inverse of what
+# `vit_jax.checkpoint.load` does to the published files (flax.training.checkpoints.convert_pre_linen).
+_LINEN_TO_PUBLISHED = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1", "LayerNorm_1": "LayerNorm_2",
+                       "MlpBlock_0": "MlpBlock_3"}
+_LINEN_BLOCK = re.compile(r"(Transformer/encoderblock_\d+/)(" + "|".join(_LINEN_TO_PUBLISHED) + ")/")
+
+
+def _linen_name(key: str) -> str:
+    """A published name as today's vit_jax spells it."""
+    linen = {v: k for k, v in _LINEN_TO_PUBLISHED.items()}
+    return re.sub(r"(encoderblock_\d+/)(\w+)/", lambda m: m.group(1) + linen.get(m.group(2), m.group(2)) + "/", key)
+
+
+def published_names(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays of an official ViT under the published files' names: as they are, or renamed from the names
+    today's (Linen) vit_jax writes, which a file has when its first block has MultiHeadDotProductAttention_0."""
+    if not any(k.startswith("Transformer/encoderblock_0/MultiHeadDotProductAttention_0/") for k in arrays):
+        return arrays
+    return {_LINEN_BLOCK.sub(lambda m: m.group(1) + _LINEN_TO_PUBLISHED[m.group(2)] + "/", k): v
+            for k, v in arrays.items()}
 
 
 def _require(arrays: dict, key: str, path, ndim: int) -> np.ndarray:
@@ -160,7 +230,7 @@ def npz_config(arrays: dict[str, np.ndarray], path="npz", source_grid: tuple[int
             raise CheckpointError(f"{path}: embedding/kernel reads {C} channels, the ResNet stem of {num_layers} "
                                   f"units and width {width} gives {hybrid_channels(num_layers, width / 64)}")
         C = in_chans  # the image's, not the feature map's
-    source_grid = _source_grid(tokens - (classifier == "token"), path, source_grid, (ph * stride, pw * stride),
+    source_grid = source_grid_of(tokens - (classifier == "token"), path, source_grid, (ph * stride, pw * stride),
                                image_size)
     try:
         return ViTConfig(
@@ -183,13 +253,17 @@ def npz_config(arrays: dict[str, np.ndarray], path="npz", source_grid: tuple[int
         raise CheckpointError(f"{path}: {e}") from None
 
 
-# The one name table of the official layout: (vitlab name, official names, kind), where the kind says how the
-# arrays become the tensor and back (`_CONVERSIONS`). Both directions read it, so they cannot drift apart.
+
+# The one name table of each layout: (vitlab name, official names, kind), where the kind says how the arrays
+# become the tensor and back (`_conversions`). Both directions read it, so they cannot drift apart.
 NameTable = list[tuple[str, list[str], str]]
 
 
-def npz_names(cfg: ViTConfig) -> NameTable:
-    """Every array of the official checkpoint of `cfg`, in the file's order of concerns."""
+def npz_names(cfg: ViTConfig | ResNetConfig) -> NameTable:
+    """Every array of the official checkpoint of `cfg` (a BiT ResNet's: `bit_npz_names`), in the published
+    files' names, in the file's order of concerns."""
+    if isinstance(cfg, ResNetConfig):
+        return bit_npz_names(cfg)
     rows: NameTable = [
         ("patch_embed.proj.weight", ["embedding/kernel"], "conv"),
         ("patch_embed.proj.bias", ["embedding/bias"], "copy"),
@@ -225,60 +299,124 @@ def npz_names(cfg: ViTConfig) -> NameTable:
 
 def _stem_names(cfg: ViTConfig) -> NameTable:
     """The rows of a hybrid's ResNet stem ([] for a plain ViT): each stage's first unit listed with its
-    projection, which it has when it changes the width or the stride."""
+    projection, which it has when it changes the width or the stride. GroupNorm arrays are of kind "gn"."""
     if cfg.resnet_num_layers is None:
         return []
     stem = "patch_embed.backbone."
     rows = [(stem + "conv_root.weight", ["conv_root/kernel"], "conv"),
-            (stem + "gn_root.weight", ["gn_root/scale"], "copy"), (stem + "gn_root.bias", ["gn_root/bias"], "copy")]
+            (stem + "gn_root.weight", ["gn_root/scale"], "gn"), (stem + "gn_root.bias", ["gn_root/bias"], "gn")]
     for i, units in enumerate(cfg.resnet_num_layers):
         for j in range(units):
             ours, theirs = f"{stem}stages.{i}.units.{j}.", f"block{i + 1}/unit{j + 1}/"
             for conv in ["conv1", "conv2", "conv3"] + (["conv_proj"] if j == 0 else []):
                 gn = conv.replace("conv", "gn")
                 rows += [(ours + conv + ".weight", [theirs + conv + "/kernel"], "conv"),
-                         (ours + gn + ".weight", [theirs + gn + "/scale"], "copy"),
-                         (ours + gn + ".bias", [theirs + gn + "/bias"], "copy")]
+                         (ours + gn + ".weight", [theirs + gn + "/scale"], "gn"),
+                         (ours + gn + ".bias", [theirs + gn + "/bias"], "gn")]
     return rows
 
 
-def _conversions(D: int, H: int) -> dict[str, tuple[Callable, Callable]]:
-    """kind -> (official arrays -> tensor, tensor -> official arrays) for a ViT of width D and H heads."""
-    return {
+BIT_ROOT = "resnet/root_block/standardized_conv2d/kernel"
+
+
+def bit_npz_config(arrays: dict[str, np.ndarray], path="npz") -> ResNetConfig:
+    """The configuration of a BiT ResNet's published npz, read from its arrays: the width factor from the root
+    convolution's output channels (64 per unit of width), the stages and their units from the blockI/unitJJ names,
+    the classes from the head (none without one). The resolution is not in the file: 224, BiT's upstream one."""
+    root = _require(arrays, BIT_ROOT, path, 4)
+    in_chans, width = root.shape[2:]
+    units: dict[int, set[int]] = {}
+    for k in arrays:
+        if m := re.match(r"resnet/block(\d+)/unit(\d+)/a/standardized_conv2d/kernel$", k):
+            units.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    stages = sorted(units)
+    if not stages or stages != list(range(1, len(stages) + 1)) or any(
+            sorted(units[i]) != list(range(1, len(units[i]) + 1)) for i in stages):
+        raise CheckpointError(f"{path}: the ResNet's blocks and units {dict(sorted(units.items()))} are not numbered "
+                              "1..n")
+    num_layers = tuple(len(units[i]) for i in stages)
+    factor = width / 64 if width % 64 else width // 64
+    depth = 3 * sum(num_layers) + 2  # three convolutions per unit, the root's and the head's
+    head = arrays.get("resnet/head/conv2d/kernel")
+    try:
+        return ResNetConfig(in_chans=in_chans, num_layers=num_layers, width_factor=factor,
+                            num_classes=0 if head is None else head.shape[-1],
+                            name=f"BiT-R{depth}x{factor}" if RESNET_DEPTHS.get(depth) == num_layers else None)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def bit_npz_names(cfg: ResNetConfig) -> NameTable:
+    """Every array of a BiT ResNet's published npz (the names `bit_pytorch` `ResNetV2.load_from` reads)."""
+    p = "resnet/"
+    rows: NameTable = [("conv_root.weight", [BIT_ROOT], "conv")]
+    for i, units in enumerate(cfg.num_layers):
+        for j in range(units):
+            ours, theirs = f"stages.{i}.units.{j}.", f"{p}block{i + 1}/unit{j + 1:02d}/"
+            for n, part in enumerate("abc", 1):
+                rows += [(f"{ours}gn{n}.weight", [f"{theirs}{part}/group_norm/gamma"], "gn"),
+                         (f"{ours}gn{n}.bias", [f"{theirs}{part}/group_norm/beta"], "gn"),
+                         (f"{ours}conv{n}.weight", [f"{theirs}{part}/standardized_conv2d/kernel"], "conv")]
+            if j == 0:  # each stage's first unit changes the width (and after the first, the stride): a projection
+                rows.append((f"{ours}conv_proj.weight", [f"{theirs}a/proj/standardized_conv2d/kernel"], "conv"))
+    rows += [("norm.weight", [f"{p}group_norm/gamma"], "gn"), ("norm.bias", [f"{p}group_norm/beta"], "gn")]
+    if cfg.num_classes:
+        rows += [("head.weight", [f"{p}head/conv2d/kernel"], "head_conv"), ("head.bias", [f"{p}head/conv2d/bias"], "copy")]
+    return rows
+
+
+def _squeeze_gn(a: torch.Tensor) -> torch.Tensor:
+    """A GroupNorm scale or bias as (C,): the published files' (1, 1, 1, C) flattened (other shapes kept, for the
+    shape check to report)."""
+    return a.reshape(a.shape[-1]) if a.ndim and a.numel() == a.shape[-1] else a
+
+
+def _conversions(cfg) -> dict[str, tuple[Callable, Callable]]:
+    """kind -> (official arrays -> tensor, tensor -> official arrays); for a ViT of width D and H heads, the
+    attention's kinds too."""
+    kinds = {
         "copy": (lambda a: a[0], lambda t: [t]),
         "dense": (lambda a: a[0].T, lambda t: [t.T]),  # (in, out) <-> (out, in)
         "conv": (lambda a: a[0].permute(3, 2, 0, 1), lambda t: [t.transpose(2, 3, 1, 0)]),  # (h,w,in,out) <-> (out,in,h,w)
-        # q, k and v (D, H, D_h) each -> (H*D_h, D), stacked into the fused projection, and back
-        "qkv_kernel": (lambda a: torch.cat([k.reshape(D, D).T for k in a]),
-                       lambda t: [w.T.reshape(D, H, D // H) for w in np.split(t, 3)]),
-        "qkv_bias": (lambda a: torch.cat([b.reshape(D) for b in a]),
-                     lambda t: [b.reshape(H, D // H) for b in np.split(t, 3)]),
-        "out_kernel": (lambda a: a[0].reshape(D, D).T, lambda t: [t.T.reshape(H, D // H, D)]),  # (H, D_h, D)
+        # GroupNorm: (1, 1, 1, C) in the published hybrid files (pre-Linen Flax), (C,) in today's Flax and in BiT's
+        # files; written as each published layout has it
+        "gn": (lambda a: _squeeze_gn(a[0]),
+               lambda t: [t if isinstance(cfg, ResNetConfig) else t.reshape(1, 1, 1, -1)]),
+        "head_conv": (lambda a: a[0].reshape(a[0].shape[-2:]).T, lambda t: [t.T[None, None]]),  # (1,1,C,K) <-> (K,C)
     }
+    if isinstance(cfg, ViTConfig):
+        D, H = cfg.hidden_size, cfg.num_heads
+        kinds.update({  # q, k and v (D, H, D_h) each -> (H*D_h, D), stacked into the fused projection, and back
+            "qkv_kernel": (lambda a: torch.cat([k.reshape(D, D).T for k in a]),
+                           lambda t: [w.T.reshape(D, H, D // H) for w in np.split(t, 3)]),
+            "qkv_bias": (lambda a: torch.cat([b.reshape(D) for b in a]),
+                         lambda t: [b.reshape(H, D // H) for b in np.split(t, 3)]),
+            "out_kernel": (lambda a: a[0].reshape(D, D).T, lambda t: [t.T.reshape(H, D // H, D)]),  # (H, D_h, D)
+        })
+    return kinds
 
 
-def npz_to_state_dict(arrays: dict[str, np.ndarray], cfg: ViTConfig) -> dict[str, torch.Tensor]:
-    """Map official arrays onto vitlab's parameter names, transposing Flax layouts to PyTorch's. A stem array the
-    file lacks is left out, for the model's loader to report as missing; a missing ViT array is a KeyError."""
-    convert = _conversions(cfg.hidden_size, cfg.num_heads)
-    stem = {name for name, _, _ in _stem_names(cfg)}
+def npz_to_state_dict(arrays: dict[str, np.ndarray], cfg: ViTConfig | ResNetConfig) -> dict[str, torch.Tensor]:
+    """Map official arrays (under the published names) onto vitlab's parameter names, transposing Flax's and
+    TensorFlow's layouts to PyTorch's. An array of a ResNet the file lacks is left out, for the model's loader to
+    report as missing; a missing ViT array is a KeyError."""
+    convert = _conversions(cfg)
+    optional = {name for name, _, _ in (_stem_names(cfg) if isinstance(cfg, ViTConfig) else npz_names(cfg))}
     sd = {}
     for name, keys, kind in npz_names(cfg):
-        if name in stem and not all(k in arrays for k in keys):
+        if name in optional and not all(k in arrays for k in keys):
             continue
         sd[name] = convert[kind][0]([torch.from_numpy(np.asarray(arrays[k], dtype=np.float32)) for k in keys])
     return {k: v.contiguous() for k, v in sd.items()}
 
 
 def state_dict_to_npz(model: nn.Module) -> dict[str, np.ndarray]:
-    """The official arrays of a model: the inverse of `npz_to_state_dict`. (The official layout has no place for
-    a BiT ResNet's or for the masked-patch-prediction head's weights: the latter are left out.)"""
+    """The official arrays of a model, in the published files' layout: the inverse of `npz_to_state_dict`. (The
+    official layout has no place for the masked-patch-prediction head's weights: they are left out.)"""
     model = unwrap(model)
-    cfg: ViTConfig = model.cfg
-    if not isinstance(cfg, ViTConfig):
-        raise ConfigError(f"{cfg.name or 'this model'} is not a ViT: the official npz layout holds ViTs only")
+    cfg = model.cfg
     sd = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in model.state_dict().items()}
-    convert = _conversions(cfg.hidden_size, cfg.num_heads)
+    convert = _conversions(cfg)
     out = {}
     for name, keys, kind in npz_names(cfg):
         if name in sd:
@@ -296,8 +434,9 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def export_npz(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write a model in the official vit_jax .npz layout (atomically), and beside it NAME.npz.json with what the
-    layout cannot hold (the resolution, the input normalisation, the class names, the GELU form)."""
+    """Write a model as the official files are (atomically): a ViT or hybrid in vit_jax's published layout, a BiT
+    ResNet in BiT's; and beside it NAME.npz.json with what the layout cannot hold (the resolution, the input
+    normalisation, the class names, the GELU form)."""
     arrays = state_dict_to_npz(model)
     path = Path(path)
 
@@ -321,51 +460,29 @@ def read_sidecar(path: Path) -> dict:
     return extra
 
 
-def apply_sidecar(cfg: ViTConfig, path: Path) -> ViTConfig:
+def apply_sidecar(cfg: ViTConfig | ResNetConfig, path: Path) -> ViTConfig | ResNetConfig:
     """`cfg` (read from an npz's shapes) with the fields of the NAME.npz.json beside it, when there is one."""
     extra = read_sidecar(path)
+    if isinstance(cfg, ResNetConfig):
+        extra = {k: v for k, v in extra.items() if k not in ("gelu", "layer_norm_eps")}
     if not extra:
         return cfg
     try:
         new = cfg.replace(**extra)
     except ConfigError as e:
         raise CheckpointError(f"{sidecar_path(path)}: {e}") from None
-    if new.num_patches != cfg.num_patches:
+    if isinstance(cfg, ViTConfig) and new.num_patches != cfg.num_patches:
         raise CheckpointError(f"{sidecar_path(path)}: image_size {new.image_size} gives {new.num_patches} patches, "
                               f"the npz holds position embeddings for {cfg.num_patches}")
     return new
 
 
 # --------------------------------------------------------------------------------------------------------------
-# timm and Hugging Face checkpoints
+# Shared with vitlab.timm_hf
 # --------------------------------------------------------------------------------------------------------------
 
-# Every ViT of the paper has heads of 64 dimensions except ViT-H, 16 heads of 80 (Table 1). The number of heads
-# leaves no trace in the shapes of fused or per-projection (D, D) weights, so it comes from the config.json beside
-# the weights, else from this rule.
-_WIDTH_TO_HEADS = {1280: 16}
 
-
-def _infer_heads(width: int, path, given: int | None) -> int:
-    if given:
-        return int(given)
-    if width in _WIDTH_TO_HEADS:
-        return _WIDTH_TO_HEADS[width]
-    if width % 64:
-        raise CheckpointError(f"{path}: the number of heads is not in the weights and width {width} is not a "
-                              "multiple of 64: pass num_heads")
-    return width // 64
-
-
-def _variant_name(cfg: ViTConfig) -> str | None:
-    """"ViT-B/16" when the widths are one of the paper's variants (square patches), else None."""
-    for size, fields in VARIANTS.items():
-        if all(getattr(cfg, k) == v for k, v in fields.items()) and cfg.patch_size[0] == cfg.patch_size[1]:
-            return f"ViT-{size}/{cfg.patch_size[0]}"
-    return None
-
-
-def _source_grid(num_patches: int, path, source_grid, patch: tuple[int, int], image_size=None) -> tuple[int, int]:
+def source_grid_of(num_patches: int, path, source_grid, patch: tuple[int, int], image_size=None) -> tuple[int, int]:
     """The patch grid of `num_patches` position embeddings: given, else from the image size the source's config
     names, else a square."""
     if source_grid is None and image_size is not None:
@@ -385,267 +502,6 @@ def _source_grid(num_patches: int, path, source_grid, patch: tuple[int, int], im
     return source_grid
 
 
-def _layer_count(keys, pattern: str, path) -> int:
-    layers = sorted({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
-    if not layers:
-        raise CheckpointError(f"{path}: no encoder layers found")
-    return layers[-1] + 1  # layers missing in between are reported as missing keys
-
-
-def _shown(keys: list[str], limit: int = 8) -> str:
+def shown(keys: list[str], limit: int = 8) -> str:
+    """At most `limit` names, in brackets, and how many more."""
     return "[" + ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "") + "]"
-
-
-def _map_names(sd: dict[str, torch.Tensor], table: dict[str, list[str]], path, what: str,
-               ignored: tuple[str, ...] = (), hints: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """vitlab's state dict from `sd` through `table` (vitlab name -> the source names stacked into it).
-
-    All or nothing: every source name the table wants must be there and every tensor of the file must be used
-    (but the `ignored` ones), else a CheckpointError lists the missing and the unexpected names.
-    """
-    wanted = {name for names in table.values() for name in names}
-    missing = sorted(wanted - set(sd))
-    unexpected = sorted(k for k in set(sd) - wanted if not any(k.endswith(i) for i in ignored))
-    if missing or unexpected:
-        notes = sorted({note for key, note in (hints or {}).items() if any(key in k for k in unexpected + missing)})
-        raise CheckpointError(
-            f"{path}: not a {what} vitlab can load, nothing loaded: missing {_shown(missing)}, unexpected "
-            f"{_shown(unexpected)}" + "".join(f"; {n}" for n in notes)
-        )
-    out = {}
-    for name, names in table.items():
-        parts = [sd[n].float() for n in names]
-        if len(parts) > 1 and len({tuple(p.shape) for p in parts}) > 1:
-            raise CheckpointError(f"{path}: {', '.join(names)} differ in shape ({[tuple(p.shape) for p in parts]})")
-        out[name] = (torch.cat(parts) if len(parts) > 1 else parts[0]).contiguous()
-    return out
-
-
-def _vit_table(cfg: ViTConfig, names: dict[str, str], block, head: str | None,
-               pre_logits: str | None) -> dict[str, list[str]]:
-    """The name table of a ViT: `names` maps vitlab's per-model names, `block` formats per-layer source names."""
-    table = {k: [v] for k, v in names.items()}
-    for i in range(cfg.num_layers):
-        for ours, theirs in block(i).items():
-            table[f"blocks.{i}.{ours}"] = theirs if isinstance(theirs, list) else [theirs]
-    if cfg.classifier != "token":
-        table.pop("cls_token", None)
-    for prefix, source in (("pre_logits.fc", pre_logits if cfg.representation_size else None),
-                           ("head", head if cfg.num_classes else None)):
-        if source:
-            table[f"{prefix}.weight"], table[f"{prefix}.bias"] = [f"{source}.weight"], [f"{source}.bias"]
-    return table
-
-
-def _weight_pairs(mapping: dict[str, str]) -> dict[str, str]:
-    return {f"{a}.{p}": f"{b}.{p}" for a, b in mapping.items() for p in ("weight", "bias")}
-
-
-# timm: the names that make a timm ViT something vitlab does not compute, and why.
-_TIMM_HINTS = {
-    "fc_norm": "timm's avg-pool models apply LayerNorm after pooling (fc_norm); vitlab's gap pools after the "
-               "encoder's LayerNorm, so they are refused",
-    "ls1.": "layer scale (init_values) is not part of the paper's ViT",
-    "reg_token": "register tokens are not part of the paper's ViT",
-    "attn_pool": "attention pooling (global_pool='map') is not part of the paper's ViT",
-    "norm_pre": "a LayerNorm before the encoder (pre_norm, CLIP) is not part of the paper's ViT",
-    "q_norm": "query/key normalisation is not part of the paper's ViT",
-    "qkv.bias": "attention without biases (qkv_bias=False) is not part of the paper's ViT",
-}
-
-
-def timm_to_state_dict(sd: dict[str, torch.Tensor], meta: dict | None = None, path="timm",
-                       source_grid: tuple[int, int] | None = None,
-                       num_heads: int | None = None) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
-    """The config and vitlab weights of a timm `VisionTransformer` state dict (`meta`: timm's config.json).
-
-    Token-pooling ViTs load, and avg-pooling ones without a [class] token or fc_norm (the official "gap"
-    models); refused with the reason: fc_norm, avg pooling beside a [class] token, attention pooling, layer
-    scale, registers, pre-norm, q/k norm, no biases, position embeddings without the [class] token's.
-    GELU is exact and LayerNorm eps 1e-6 (timm's ViT); mean and std from `pretrained_cfg`, else 0.5, the
-    official models' [-1, 1] (DeiT-style weights want ImageNet's statistics: pass mean and std).
-    """
-    meta = meta or {}
-    args = meta.get("model_args") or {}
-    pretrained = meta.get("pretrained_cfg") or {}
-    pool = args.get("global_pool", meta.get("global_pool"))
-    has_cls = "cls_token" in sd
-    if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
-        raise CheckpointError(f"{path}: no patch_embed.proj.weight or pos_embed: not a timm VisionTransformer")
-    if pool not in (None, "", "token", "avg"):
-        raise CheckpointError(f"{path}: timm global_pool={pool!r}: vitlab pools by the [class] token or the mean")
-    if pool == "avg" and has_cls:
-        raise CheckpointError(f"{path}: timm global_pool='avg' beside a [class] token: vitlab's gap models have "
-                              "no [class] token")
-    if args.get("no_embed_class"):
-        raise CheckpointError(f"{path}: timm no_embed_class: the [class] token has no position embedding here")
-    act = args.get("act_layer", "gelu")
-    if act not in ("gelu", "gelu_tanh"):
-        raise CheckpointError(f"{path}: timm act_layer={act!r}: vitlab's MLP uses GELU")
-    D, C, ph, pw = sd["patch_embed.proj.weight"].shape
-    prefix = int(has_cls)
-    grid = _source_grid(sd["pos_embed"].shape[1] - prefix, path, source_grid, (ph, pw),
-                        pretrained.get("input_size") or args.get("img_size"))
-    num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
-    mean, std = pretrained.get("mean"), pretrained.get("std")
-    labels = meta.get("label_names")
-    try:
-        cfg = ViTConfig(
-            image_size=(grid[0] * ph, grid[1] * pw), patch_size=(ph, pw), in_chans=C, num_classes=num_classes,
-            hidden_size=D, num_layers=_layer_count(sd, r"blocks\.(\d+)\.", path),
-            num_heads=_infer_heads(D, path, num_heads or args.get("num_heads")),
-            mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D,
-            classifier="token" if has_cls else "gap",
-            representation_size=sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None,
-            gelu="tanh" if act == "gelu_tanh" else "exact", layer_norm_eps=1e-6,
-            mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
-            class_names=tuple(labels) if isinstance(labels, list) and len(labels) == num_classes else None,
-        )
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    cfg = cfg.replace(name=_variant_name(cfg))
-    names = dict(cls_token="cls_token", pos_embed="pos_embed",
-                 **_weight_pairs({"patch_embed.proj": "patch_embed.proj", "norm": "norm"}))
-    block = lambda i: _weight_pairs({m: f"blocks.{i}.{m}" for m in
-                                     ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")})
-    table = _vit_table(cfg, names, block, head="head", pre_logits="pre_logits.fc")
-    return cfg, _map_names(sd, table, path, "timm ViT", hints=_TIMM_HINTS)
-
-
-# transformers 5 names the layers differently in memory (and maps them back to these names when it saves).
-_HF_V5_NAMES = [
-    (r"\blayers\.(\d+)\.attention\.q_proj\.", r"encoder.layer.\1.attention.attention.query."),
-    (r"\blayers\.(\d+)\.attention\.k_proj\.", r"encoder.layer.\1.attention.attention.key."),
-    (r"\blayers\.(\d+)\.attention\.v_proj\.", r"encoder.layer.\1.attention.attention.value."),
-    (r"\blayers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
-    (r"\blayers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
-    (r"\blayers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
-    (r"\blayers\.(\d+)\.layernorm_", r"encoder.layer.\1.layernorm_"),
-]
-_HF_ACTS = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
-
-
-def hf_to_state_dict(sd: dict[str, torch.Tensor], meta: dict | None = None, path="hf",
-                     source_grid: tuple[int, int] | None = None, num_heads: int | None = None,
-                     preprocessor: dict | None = None) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
-    """The config and vitlab weights of a Hugging Face `ViTForImageClassification` or `ViTModel` state dict.
-
-    `meta` is the model's config.json: `hidden_act` ("gelu" is the exact GELU) and `layer_norm_eps` come from it,
-    else transformers' defaults (exact GELU, eps 1e-12). `preprocessor` (preprocessor_config.json) gives
-    image_mean and image_std, else 0.5. ViTModel's pooler (Dense + tanh on the [class] token) becomes the
-    pre-logits layer. A mask token (masked image modelling) is not part of the classifier and is ignored.
-    """
-    meta, preprocessor = meta or {}, preprocessor or {}
-    if meta.get("model_type", "vit") != "vit":
-        raise CheckpointError(f"{path}: model_type {meta['model_type']!r} is not a Hugging Face ViT")
-    for pattern, legacy in _HF_V5_NAMES:
-        sd = {re.sub(pattern, legacy, k): v for k, v in sd.items()}
-    p = "vit." if "vit.embeddings.patch_embeddings.projection.weight" in sd else ""
-    if f"{p}embeddings.patch_embeddings.projection.weight" not in sd or f"{p}embeddings.position_embeddings" not in sd:
-        raise CheckpointError(f"{path}: no embeddings.patch_embeddings.projection.weight: not a Hugging Face ViT")
-    act = meta.get("hidden_act", "gelu")
-    if act not in _HF_ACTS:
-        raise CheckpointError(f"{path}: hidden_act {act!r}: vitlab's MLP uses GELU (gelu or gelu_new)")
-    pooler = next((k[: -len(".dense.weight")] for k in (f"{p}pooler.dense.weight", "pooler.dense.weight")
-                   if k in sd), None)
-    if pooler and meta.get("pooler_act", "tanh") != "tanh":
-        raise CheckpointError(f"{path}: pooler_act {meta['pooler_act']!r}: the pre-logits layer is Dense + tanh")
-    if pooler and "classifier.weight" in sd:
-        raise CheckpointError(f"{path}: a pooler beside the classifier: ViTForImageClassification's classifier "
-                              "reads the [class] token, not the pooler, so the two do not make one vitlab model")
-    D, C, ph, pw = sd[f"{p}embeddings.patch_embeddings.projection.weight"].shape
-    grid = _source_grid(sd[f"{p}embeddings.position_embeddings"].shape[1] - 1, path, source_grid, (ph, pw),
-                        meta.get("image_size"))
-    num_classes = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else 0
-    labels = meta.get("id2label") or {}
-    try:
-        names = [labels.get(str(i), labels.get(i)) for i in range(num_classes)]
-        default = all(n == f"LABEL_{i}" for i, n in enumerate(names))
-        class_names = None if default or None in names else tuple(names)
-    except AttributeError:
-        class_names = None
-    mean, std = preprocessor.get("image_mean"), preprocessor.get("image_std")
-    layer0 = f"{p}encoder.layer.0."
-    try:
-        cfg = ViTConfig(
-            image_size=(grid[0] * ph, grid[1] * pw), patch_size=(ph, pw), in_chans=C, num_classes=num_classes,
-            hidden_size=D, num_layers=_layer_count(sd, rf"{re.escape(p)}encoder\.layer\.(\d+)\.", path),
-            num_heads=_infer_heads(D, path, num_heads or meta.get("num_attention_heads")),
-            mlp_dim=sd[layer0 + "intermediate.dense.weight"].shape[0] if layer0 + "intermediate.dense.weight" in sd
-            else meta.get("intermediate_size", 4 * D),
-            classifier="token", representation_size=sd[pooler + ".dense.weight"].shape[0] if pooler else None,
-            gelu=_HF_ACTS[act], layer_norm_eps=float(meta.get("layer_norm_eps", 1e-12)),
-            mean=tuple(mean) if mean else None, std=tuple(std) if std else None, class_names=class_names,
-        )
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    cfg = cfg.replace(name=_variant_name(cfg))
-    e = f"{p}embeddings."
-    names = {"cls_token": e + "cls_token", "pos_embed": e + "position_embeddings",
-             **_weight_pairs({"patch_embed.proj": e + "patch_embeddings.projection", "norm": f"{p}layernorm"})}
-
-    def block(i):
-        b = f"{p}encoder.layer.{i}."
-        out = _weight_pairs({"norm1": b + "layernorm_before", "attn.proj": b + "attention.output.dense",
-                             "norm2": b + "layernorm_after", "mlp.fc1": b + "intermediate.dense",
-                             "mlp.fc2": b + "output.dense"})
-        for part in ("weight", "bias"):  # q, k and v stacked as the fused projection's rows (head-major, as ours)
-            out[f"attn.qkv.{part}"] = [f"{b}attention.attention.{n}.{part}" for n in ("query", "key", "value")]
-        return out
-
-    table = _vit_table(cfg, names, block, head="classifier", pre_logits=pooler and pooler + ".dense")
-    return cfg, _map_names(sd, table, path, "Hugging Face ViT", ignored=("embeddings.mask_token",))
-
-
-def read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else None
-
-
-def is_foreign(meta: dict | None) -> bool:
-    """Whether a config.json was written by timm or transformers rather than by vitlab."""
-    return bool(meta) and bool({"model_type", "architectures", "architecture", "pretrained_cfg"} & set(meta))
-
-
-def weights_in(directory: Path) -> dict[str, torch.Tensor]:
-    """The safetensors weights of a timm or Hugging Face directory (one file, or shards with an index)."""
-    if (directory / WEIGHTS_FILE).is_file():
-        return read_safetensors(directory / WEIGHTS_FILE)
-    index = directory / (WEIGHTS_FILE + ".index.json")
-    if index.is_file():
-        shards = sorted(set(((read_json(index) or {}).get("weight_map") or {}).values()))
-        if not shards:
-            raise CheckpointError(f"{index}: no weight_map")
-        sd = {}
-        for shard in shards:
-            sd.update(read_safetensors(directory / shard))
-        return sd
-    files = sorted(directory.glob("*.safetensors"))
-    if len(files) == 1:
-        return read_safetensors(files[0])
-    if len(files) > 1:
-        raise CheckpointError(f"{directory}: holds several .safetensors files ({', '.join(f.name for f in files)}): "
-                              "name one")
-    pickles = sorted(f.name for f in directory.iterdir() if f.suffix in PICKLED)
-    if pickles:
-        raise CheckpointError(f"{directory}: only pickled weights ({', '.join(pickles)}); vitlab reads safetensors "
-                              "only and never unpickles a file")
-    raise CheckpointError(f"{directory}: no {WEIGHTS_FILE}")
-
-
-def import_safetensors(sd: dict[str, torch.Tensor], meta: dict | None, path, *, source_grid=None, num_heads=None,
-                       preprocessor: dict | None = None) -> tuple[ViTConfig, dict[str, torch.Tensor], str]:
-    """(config, vitlab weights, "timm" | "hf") of a timm or Hugging Face ViT, told apart by its names."""
-    keys = set(sd)
-    if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys):
-        return (*hf_to_state_dict(sd, meta, path, source_grid, num_heads, preprocessor), "hf")
-    if "patch_embed.proj.weight" in keys:
-        return (*timm_to_state_dict(sd, meta, path, source_grid, num_heads), "timm")
-    raise CheckpointError(f"{path}: neither timm nor Hugging Face ViT names (e.g. {_shown(sorted(keys), 4)})")
-
-

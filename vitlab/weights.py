@@ -1,9 +1,9 @@
 """vitlab checkpoints, and `load_model`: one entry point for every checkpoint vitlab reads.
 
 A vitlab checkpoint is a directory with `config.json` (the `ViTConfig`, or a BiT `ResNetConfig`) and
-`model.safetensors`. `load_model` also reads the official `vit_jax` .npz files and timm's and Hugging Face's ViTs
-(vitlab.formats), and adapts what it loaded to a new resolution or head (vitlab.transfer). Nothing is ever
-unpickled.
+`model.safetensors`. `load_model` also reads the official `vit_jax` .npz files and BiT's (vitlab.formats), timm's
+and Hugging Face's ViTs (vitlab.timm_hf), any of those on the Hugging Face hub as `hf-hub:ORG/NAME` (vitlab.hub),
+and adapts what it loaded to a new resolution or head (vitlab.transfer). Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -17,25 +17,14 @@ from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
 from .common import CheckpointError, ConfigError, atomic_write, atomic_write_text
-from .formats import (
-    CONFIG_FILE,
-    PICKLED,
-    WEIGHTS_FILE,
-    apply_sidecar,
-    import_safetensors,
-    is_foreign,
-    npz_config,
-    npz_to_state_dict,
-    read_json,
-    read_npz,
-    read_safetensors,
-    read_sidecar,
-    weights_in,
-)
+from .formats import CONFIG_FILE, NPZ_LAYOUTS, PICKLED, WEIGHTS_FILE, import_npz, read_json, read_safetensors
+from .hub import is_hub_id, snapshot
 from .model import ViTConfig, VisionTransformer, build_model, config_from_dict
 from .resnet import ResNetConfig
 from .runtime import unwrap
+from .timm_hf import SAFETENSORS_LAYOUTS, import_safetensors, is_foreign, weights_in
 from .transfer import adapt
+
 
 def save_checkpoint(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write `config.json` and `model.safetensors` into `directory`, each atomically."""
@@ -83,7 +72,7 @@ def _fit_state_dict(sd: dict[str, torch.Tensor], cfg, source) -> nn.Module:
 
 
 def _read_source(path: Path, source_grid, num_heads) -> tuple[ViTConfig, dict[str, torch.Tensor], str]:
-    """(config, vitlab weights, kind) of any source: "vitlab", "npz", "timm" or "hf"."""
+    """(config, vitlab weights, kind) of any source: "vitlab", "npz", "bit", "timm" or "hf"."""
     if path.is_dir():
         meta = read_json(path / CONFIG_FILE)
         if is_foreign(meta) or (meta is None and any(path.glob("*.safetensors*"))):
@@ -92,17 +81,12 @@ def _read_source(path: Path, source_grid, num_heads) -> tuple[ViTConfig, dict[st
         if meta is None and any(f.suffix in PICKLED for f in path.iterdir()):
             weights_in(path)  # refuses, naming the pickled files
         return read_config(path), read_safetensors(path / WEIGHTS_FILE), "vitlab"
-    if path.suffix == ".npz":
-        arrays = read_npz(path)
-        cfg = npz_config(arrays, path, source_grid, read_sidecar(path).get("image_size"))
-        cfg = apply_sidecar(cfg, path)
-        try:
-            return cfg, npz_to_state_dict(arrays, cfg), "npz"
-        except KeyError as e:
-            raise CheckpointError(f"{path}: missing array {e.args[0]!r}: not a complete ViT checkpoint") from None
-        except RuntimeError as e:  # a reshape that does not fit: one layer's arrays disagree with the others
-            raise CheckpointError(f"{path}: arrays do not fit one ViT ({str(e).splitlines()[0]})") from None
-    if path.suffix == ".safetensors":  # a file: the config.json beside it, if any, says whose it is
+    if path.suffix in PICKLED:
+        raise CheckpointError(f"{path}: a pickled checkpoint; vitlab reads safetensors only and never unpickles a file")
+    magic = None if path.suffix in (".npz", ".safetensors") else _magic(path)  # else its first bytes say what it is
+    if path.suffix == ".npz" or magic == "npz":
+        return import_npz(path, source_grid)
+    if path.suffix == ".safetensors" or magic == "safetensors":  # the config.json beside it, if any, says whose
         meta = read_json(path.parent / CONFIG_FILE)
         if meta is not None and not is_foreign(meta):
             return read_config(path.parent), read_safetensors(path), "vitlab"
@@ -110,10 +94,21 @@ def _read_source(path: Path, source_grid, num_heads) -> tuple[ViTConfig, dict[st
                                   preprocessor=read_json(path.parent / "preprocessor_config.json"))
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    if path.suffix in PICKLED:
-        raise CheckpointError(f"{path}: a pickled checkpoint; vitlab reads safetensors only and never unpickles a file")
-    raise CheckpointError(f"{path}: not a vitlab checkpoint directory, an official .npz file, or timm or Hugging "
-                          "Face safetensors")
+    raise CheckpointError(f"{path}: not a checkpoint layout vitlab knows (neither an .npz archive nor safetensors); "
+                          f"known: a checkpoint directory, hf-hub:ORG/NAME, .npz files ({NPZ_LAYOUTS}), "
+                          f".safetensors files ({SAFETENSORS_LAYOUTS})")
+
+
+def _magic(path: Path) -> str | None:
+    """What a file's first bytes say it is: "npz" (a zip archive), "safetensors" (a length, then a JSON header)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04":
+        return "npz"
+    return "safetensors" if len(head) == 9 and head[8:9] == b"{" else None
 
 
 def load_model(
@@ -127,14 +122,15 @@ def load_model(
     num_heads: int | None = None,
     **overrides,
 ) -> VisionTransformer:
-    """A model in eval mode from a vitlab checkpoint directory, an official .npz file, or a timm or Hugging Face
-    ViT in safetensors (a file, or a directory with the config.json its library wrote).
+    """A model in eval mode from a vitlab checkpoint directory, an official .npz file (ViT, hybrid or BiT), a timm
+    or Hugging Face ViT in safetensors (a file, or a directory with the config.json its library wrote), or any of
+    these on the Hugging Face hub, `hf-hub:ORG/NAME`.
 
     `image_size` resizes the position embeddings in 2-D; `num_classes` replaces the head by a new zero-initialised
     one when it differs from the checkpoint's; `gelu="exact"` for official weights run as timm runs them.
     `num_heads` for timm or Hugging Face weights without a config.json whose width is not 64 per head.
     """
-    path = Path(source)
+    path = snapshot(source) if is_hub_id(source) else Path(source)
     cfg, sd, _ = _read_source(path, source_grid, num_heads)
     model = _fit_state_dict(sd, cfg, path)
     changes = dict(overrides)
