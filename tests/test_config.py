@@ -34,6 +34,11 @@ def test_flags_are_parsed_against_the_field_types():
     assert cfg.weight_decay == 0.0  # the paper fine-tunes with SGD and no weight decay; AdamW's default is 0.1
     assert cfg.steps == 7 and cfg.epochs is None
     assert make_config(("a", dict(TINY)), ("b", dict(steps=5))).epochs is None  # a later layer's length wins
+    # a later layer's evaluation set wins: --eval-data on a preset with a validation split
+    preset = dict(TINY, val_split=0.1)
+    assert make_config(("preset", preset), ("flags", dict(eval_data="wds:t.tar"))).val_split is None
+    with pytest.raises(ConfigError, match="eval_data or val_split"):
+        make_config(("flags", dict(preset, eval_data="wds:t.tar")))
 
 
 @pytest.mark.parametrize("yaml_text,extra,fragments", [

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from checkpoints import tiny_source
-from datasets import write_cls_shards
+from datasets import write_cls_shards, write_shards
 from tiny import (  # noqa: F401 (fixtures)
     CNN,
     RANDOM,
@@ -34,7 +34,7 @@ from tiny import (  # noqa: F401 (fixtures)
 from vitlab import cli
 from vitlab import model as model_module
 from vitlab.common import ConfigError
-from vitlab.config import TrainConfig, fine_tune, make_config
+from vitlab.config import PRESETS, TrainConfig, fine_tune, make_config
 from vitlab.images import in_train_subset
 from vitlab.train import (
     COMPILE_MIN_CPU_STEPS,
@@ -381,3 +381,21 @@ def test_metrics_rows_carry_the_wall_clock_time_of_the_run(tmp_path):
     again = [r["wall_s"] for r in rows(tmp_path / "run")]
     assert again[:len(times)] == times and again == sorted(again)  # a resume goes on counting
 
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_trains_and_evaluates_as_it_is(name, tmp_path):
+    """Each preset, unchanged but for its length and its data (the tiny Fashion-MNIST stand-in, or small shards
+    for CIFAR-10: the presets' command names the shards with --data), runs its own model, augmentation, EMA and
+    validation split through the loop."""
+    preset = PRESETS[name]()
+    fields = {f: getattr(preset, f) for f in preset.__dataclass_fields__}
+    if preset.data != "fashion-mnist":
+        fields["data"] = write_shards(tmp_path / "shards")
+    fields.update(epochs=None, steps=2, batch_size=8, compile=False, out=str(tmp_path / "run"))
+    result = train(TrainConfig(**fields))
+    evaluated = [r for r in rows(tmp_path / "run") if r["split"] != "train"]
+    assert evaluated and evaluated[-1]["split"] == ("test" if preset.data == "fashion-mnist" else "val")
+    assert 0.0 <= result["top1"] <= 1.0 and result["n"] == evaluated[-1]["n"] > 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["name"] == preset.model_config(num_classes=10).name

@@ -1,0 +1,140 @@
+"""The presets' recipes against the old ones, and what each ingredient bought: accuracy against wall-clock minutes.
+
+    python experiments/recipes.py run [NAME ...]     # run the named runs (all by default) one after another
+    python experiments/recipes.py report             # the table and the plot of what has run
+
+Every run is a `vitlab train` command (printed as it starts; the list is RUNS below) into
+experiments/results/recipes/runs/NAME. A run that finished is not run again. Runs never overlap: the machine has two
+cores, and accuracy against time is the measure. `report` reads each run's metrics.jsonl (every evaluation row
+carries the run's wall-clock seconds, `wall_s`) and writes experiments/results/recipes/{results.md,results.json,
+curves.png}: per preset, the final accuracy and wall time of each run, and the curves of accuracy against minutes.
+
+The ablations take one ingredient out of a preset at a time (or, for the old recipe, put one in), at the preset's
+own length, so that a row's difference to the preset is what that ingredient bought at that budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "experiments" / "results" / "recipes"
+CIFAR = f"wds:{(ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg').as_posix()}/train-000{{0..4}}.tar"
+
+# name -> (group, label, vitlab train flags)
+RUNS: dict[str, tuple[str, str, list[str]]] = {}
+
+
+def run(group: str, name: str, label: str, *flags: str) -> None:
+    RUNS[name] = (group, label, list(flags))
+
+
+# Fashion-MNIST, the demo: the preset, then one change at a time. The last round's recipe is the preset without the
+# EMA; it ran 11 epochs on a machine twice as fast as this one, so here it runs the same 6 epochs as the preset.
+DEMO = ["--preset", "fashion-mnist-demo"]
+run("demo", "demo", "fashion-mnist-demo (this round: + EMA 0.999, compiled)", *DEMO)
+run("demo", "demo-old", "the last round's recipe (no EMA), 6 epochs", *DEMO, "--ema-decay", "none")
+run("demo", "demo-p4-patchdrop", "last round's, patch 4 + patch dropout 0.5", *DEMO, "--ema-decay", "none",
+    "--model", "vit-ti/4", "--patch-dropout", "0.5")
+run("demo", "demo-sincos-lr2e-3", "last round's, sincos2d + lr 2e-3", *DEMO, "--ema-decay", "none", "--posemb",
+    "sincos2d", "--lr", "2e-3")
+
+# CIFAR-10 from the training shards, a validation split of 10% cut by key hash (the test split is held back).
+CIFAR_COMMON = ["--data", CIFAR, "--val-split", "0.1"]
+OLD_CIFAR = [*CIFAR_COMMON, "--model", "vit-ti/8", "--hidden-size", "128", "--num-layers", "6", "--num-heads", "4",
+             "--mlp-dim", "512", "--image-size", "32", "--epochs", "10", "--batch-size", "128", "--lr", "2e-3",
+             "--beta2", "0.99", "--weight-decay", "0.05", "--schedule", "cosine", "--precision", "bf16",
+             "--num-workers", "1", "--no-compile"]
+run("cifar10", "cifar10-vit", "cifar10-vit", "--preset", "cifar10-vit", "--data", CIFAR)
+run("cifar10", "cifar10-hybrid", "cifar10-hybrid", "--preset", "cifar10-hybrid", "--data", CIFAR)
+run("cifar10", "cifar10-old", "the last round's documented CIFAR-10 run", *OLD_CIFAR)
+
+
+def run_all(names: list[str]) -> None:
+    for name in names or list(RUNS):
+        group, _, flags = RUNS[name]
+        out = OUT / "runs" / name
+        if (out / "metrics.jsonl").exists() and _finished(out):
+            print(f"{name}: done already")
+            continue
+        command = [sys.executable, "-m", "vitlab", "train", *flags, "--out", str(out)]
+        resume = (out / "train_state.pt").exists()
+        if resume:
+            command = [sys.executable, "-m", "vitlab", "train", "--resume", str(out)]
+        print(" ".join(command), flush=True)
+        start = time.time()
+        subprocess.run(command, check=True, cwd=ROOT)
+        print(f"{name}: {time.time() - start:.0f} s", flush=True)
+        _trim(out)
+
+
+def _trim(out: Path, every: int = 50) -> None:
+    """Keep what the report and the repository need of a finished run's metrics.jsonl: every evaluation, every
+    `every`-th training row and the last one (the weights, the training state and TensorBoard stay out of git)."""
+    rows = _rows(out)
+    last = max((i for i, r in enumerate(rows) if r["split"] == "train"), default=-1)
+    keep = [r for i, r in enumerate(rows) if r["split"] != "train" or r["step"] % every == 0 or i == last]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _finished(out: Path) -> bool:
+    state = json.loads((out / "train_config.json").read_text())
+    rows = _rows(out)
+    steps = [r["step"] for r in rows if r["split"] == "train"]
+    return bool(steps) and state.get("steps") in (None, steps[-1]) and any(r["split"] != "train" for r in rows[-3:])
+
+
+def _rows(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def report() -> None:
+    from matplotlib.figure import Figure
+
+    results = {}
+    for name, (group, label, flags) in RUNS.items():
+        rows = _rows(OUT / "runs" / name)
+        evals = [r for r in rows if r["split"] not in ("train",)]
+        if not evals:
+            continue
+        results[name] = dict(group=group, label=label, command="vitlab train " + " ".join(flags),
+                             curve=[(round(r["wall_s"] / 60, 2), r["top1"]) for r in evals if "wall_s" in r],
+                             final=evals[-1]["top1"], split=evals[-1]["split"],
+                             minutes=round(rows[-1].get("wall_s", 0) / 60, 1))
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| run | accuracy | split | wall-clock minutes | command |", "|---|---:|---|---:|---|"]
+    for name, r in results.items():
+        lines.append(f"| {r['label']} | {r['final']:.4f} | {r['split']} | {r['minutes']} | `{r['command']}` |")
+    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    groups = sorted({r["group"] for r in results.values()})
+    fig = Figure(figsize=(6 * len(groups), 4.2), layout="constrained")
+    for ax, group in zip(fig.subplots(1, len(groups), squeeze=False)[0], groups):
+        for name, r in results.items():
+            if r["group"] == group and r["curve"]:
+                minutes, accuracy = zip(*r["curve"])
+                ax.plot(minutes, accuracy, marker="o", markersize=3, label=r["label"])
+        ax.set(xlabel="wall-clock minutes (2 CPU cores)", ylabel=f"top-1 ({'test' if group == 'demo' else 'val'})",
+               title="Fashion-MNIST" if group == "demo" else "CIFAR-10")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(OUT / "curves.png", dpi=110)
+    print((OUT / "results.md").read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("run", "report"))
+    p.add_argument("names", nargs="*")
+    args = p.parse_args()
+    run_all(args.names) if args.what == "run" else report()
+
+
+if __name__ == "__main__":
+    main()
