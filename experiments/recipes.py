@@ -55,6 +55,10 @@ run("cifar10", "cifar10-hybrid", "cifar10-hybrid", "--preset", "cifar10-hybrid",
 run("cifar10", "cifar10-old", "the last round's documented CIFAR-10 run", *OLD_CIFAR)
 
 
+BASE = {"demo": "demo", "cifar10": "cifar10-vit"}  # the run each group's rows compare with
+TARGETS = {"demo": [("aim: 0.90", 0.90)], "cifar10": [("aim, ViT: 0.80", 0.80), ("aim, hybrid: 0.85", 0.85)]}
+
+
 def run_all(names: list[str]) -> None:
     for name in names or list(RUNS):
         group, _, flags = RUNS[name]
@@ -109,9 +113,13 @@ def report() -> None:
                              minutes=round(rows[-1].get("wall_s", 0) / 60, 1))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| run | accuracy | split | wall-clock minutes | command |", "|---|---:|---|---:|---|"]
+    lines = ["| run | accuracy | split | vs the preset | wall-clock minutes | command |",
+             "|---|---:|---|---:|---:|---|"]
     for name, r in results.items():
-        lines.append(f"| {r['label']} | {r['final']:.4f} | {r['split']} | {r['minutes']} | `{r['command']}` |")
+        base = results.get(BASE[r["group"]])
+        delta = f"{r['final'] - base['final']:+.4f}" if base and name != BASE[r["group"]] else ""
+        lines.append(f"| {r['label']} | {r['final']:.4f} | {r['split']} | {delta} | {r['minutes']} | "
+                     f"`{r['command']}` |")
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     groups = sorted({r["group"] for r in results.values()})
     fig = Figure(figsize=(6 * len(groups), 4.2), layout="constrained")
@@ -120,8 +128,13 @@ def report() -> None:
             if r["group"] == group and r["curve"]:
                 minutes, accuracy = zip(*r["curve"])
                 ax.plot(minutes, accuracy, marker="o", markersize=3, label=r["label"])
+        for label, target in TARGETS[group]:
+            ax.axhline(target, linestyle="--", linewidth=0.8, color="grey")
+            ax.annotate(label, (0, target), xycoords=("axes fraction", "data"), fontsize=7, color="grey",
+                        xytext=(3, 2), textcoords="offset points")
         ax.set(xlabel="wall-clock minutes (2 CPU cores)", ylabel=f"top-1 ({'test' if group == 'demo' else 'val'})",
                title="Fashion-MNIST" if group == "demo" else "CIFAR-10")
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.savefig(OUT / "curves.png", dpi=110)
