@@ -144,7 +144,8 @@ def test_version_and_defaults_in_help():
         assert shown in train_help, shown
     finetune_help = " ".join(vitlab("finetune", "--help").stdout.split())
     assert "(default: 10000)" in finetune_help and "(default: sgd)" in finetune_help
-    assert "(default: 10;" not in finetune_help  # fine-tuning counts steps, not the 10 epochs of train
+    epochs_help = finetune_help.rsplit("--epochs EPOCHS", 1)[1].split("--steps STEPS")[0]
+    assert "passes over" in epochs_help and "default" not in epochs_help  # fine-tuning counts steps, not train's 10 epochs
     assert "(default: 5)" in " ".join(vitlab("predict", "--help").stdout.split())  # --top-k
 
 

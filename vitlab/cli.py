@@ -561,7 +561,8 @@ def _add_run_flags(p: argparse.ArgumentParser, defaults: dict) -> None:
         flag = "--" + f.name.replace("_", "-")
         help = f.metadata.get("help", "")
         default = defaults.get(f.name, f.default)
-        if f.name in defaults and "default" in help:  # the field's own default is not this command's
+        pair = {"epochs": "steps", "steps": "epochs"}.get(f.name)  # two ways of saying how long: one default
+        if (f.name in defaults or pair in defaults) and "default" in help:  # the field's default is not this command's
             help = help.split(" (default")[0].split("; default")[0]
         if default is not None and "default" not in help and "required" not in help:
             help += f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
