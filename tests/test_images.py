@@ -4,6 +4,8 @@ position), the evaluation transform, MixUp and CutMix, the pinned hashes."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from vitlab.images import (
     decode_image,
     eval_transform,
     in_val_split,
+    resize,
     sample_hashes,
 )
 
@@ -212,3 +215,33 @@ def test_augmentation_policies_change_images_keyed_by_sample(aug):
 def test_train_aug_validates():
     with pytest.raises(DataError, match="crop"):
         TrainAug(crop="center")
+
+
+@pytest.mark.parametrize("shape,size", [((1, 28, 28), (48, 48)), ((3, 40, 30), (32, 32)), ((5, 3, 17, 23), (224, 160)),
+                                        ((2, 1, 300, 200), (28, 28)), ((3, 32, 32), (32, 32))])
+def test_resize_is_torchvisions_without_importing_it(shape, size):
+    """The evaluation resize equals torchvision's v2 resize (bilinear, antialiased) value for value, up and down,
+    grey and RGB, single images and batches."""
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(sum(shape)))
+    ours = resize(x, size)
+    assert ours.dtype == torch.uint8 and ours.shape == (*shape[:-2], *size)
+    assert torch.equal(ours, TF.resize(x, list(size), antialias=True))
+
+
+def test_evaluation_and_prediction_do_not_import_torchvision(tmp_path):
+    """Preprocessing and predicting a PNG load neither torchvision nor torch._dynamo (3 s of the 6 s a one-image
+    `vitlab predict` took); training augmentation and JPEG decoding import torchvision when they run."""
+    Image.fromarray(np.zeros((30, 20), np.uint8)).save(tmp_path / "x.png")
+    code = (
+        "import sys, vitlab\n"
+        "from vitlab.model import VisionTransformer, variant_config\n"
+        "model = VisionTransformer(variant_config('vit-ti/4', image_size=16, in_chans=1, num_classes=2, hidden_size=32,"
+        " num_layers=1, num_heads=2, mlp_dim=64))\n"
+        f"print(vitlab.predict(model, {str(tmp_path / 'x.png')!r}, k=1))\n"
+        "import vitlab.cli, vitlab.evaluate\n"
+        "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -24,10 +24,12 @@ shared memory, `SkipCounter`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
 import os
+import platform
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -38,16 +40,14 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.nn import functional as F
 from torch.utils.data import get_worker_info
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from .common import DataError, one_line
 
-try:  # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; PIL does all without them
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # pragma: no cover
-    decode_jpeg = None
+# torchvision is imported where training augmentation or JPEG decoding needs it, not here: its import pulls in
+# torchvision.models, then ops, then torch._dynamo (3 of the 6 s a one-image `vitlab predict` took), and
+# evaluation (resize, channels) needs none of it.
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,17 @@ def in_train_subset(keys: list[str], count: int) -> set[str]:
 
 # ------------------------------------------------------------------------------------------- decoding
 
+@functools.cache
+def _jpeg_decoder():
+    """torchvision's (decode_jpeg, ImageReadMode.UNCHANGED), or None where it has no image codecs (torchvision
+    0.29 deprecates them in favour of TorchCodec; PIL decodes everything without them)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:  # pragma: no cover
+        return None
+    return decode_jpeg, ImageReadMode.UNCHANGED
+
+
 def decode_image(data: bytes | str | os.PathLike, in_chans: int, name: str | None = None) -> Tensor:
     """Decode an image file or byte string to uint8 (in_chans, H, W); DataError naming it if unreadable."""
     if not isinstance(data, bytes):
@@ -118,13 +129,14 @@ def decode_image(data: bytes | str | os.PathLike, in_chans: int, name: str | Non
             data = Path(data).read_bytes()
         except OSError as exc:
             raise DataError(f"cannot read image {name}: {exc.strerror or one_line(exc)}") from exc
-    if data[:2] == b"\xff\xd8" and decode_jpeg is not None:
+    if data[:2] == b"\xff\xd8" and _jpeg_decoder() is not None:
         # JPEG through torchvision's libjpeg-turbo: 26 us against PIL's 86 us for a 32x32 CIFAR image, and the
         # same pixels. Anything it cannot do (CMYK, errors) goes on to PIL, which names the error.
+        decode_jpeg, unchanged = _jpeg_decoder()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+                x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=unchanged)
         except RuntimeError:
             x = None
         if x is not None and x.shape[0] in (1, 3):  # CMYK (4) goes through PIL's conversion
@@ -177,8 +189,7 @@ def _match_channels(x: Tensor, in_chans: int) -> Tensor:
 
 # ----------------------------------------------------------------------------------------- transforms
 
-AUTOAUGMENT_POLICIES = {"cifar10": v2.AutoAugmentPolicy.CIFAR10, "imagenet": v2.AutoAugmentPolicy.IMAGENET,
-                        "svhn": v2.AutoAugmentPolicy.SVHN}
+AUTOAUGMENT_POLICIES = {"cifar10": "CIFAR10", "imagenet": "IMAGENET", "svhn": "SVHN"}  # torchvision's AutoAugmentPolicy
 
 
 @dataclass
@@ -212,12 +223,14 @@ class TrainAug:
 
     def policy(self) -> Callable[[Tensor], Tensor] | None:
         """The torchvision op of the augmentation policy, applied to each image with its own seed; None."""
+        from torchvision.transforms import v2
+
         if self.randaugment:
             return v2.RandAugment(*self.randaugment)
         if self.trivialaugment:
             return v2.TrivialAugmentWide()
         if self.autoaugment:
-            return v2.AutoAugment(AUTOAUGMENT_POLICIES[self.autoaugment])
+            return v2.AutoAugment(getattr(v2.AutoAugmentPolicy, AUTOAUGMENT_POLICIES[self.autoaugment]))
         return None
 
 
@@ -259,6 +272,8 @@ class Transform:
     def __init__(self, image_size: tuple[int, int], in_chans: int, aug: TrainAug | None = None):
         self.image_size, self.in_chans, self.aug = tuple(image_size), in_chans, aug
         if aug is not None:
+            from torchvision.transforms import v2
+
             self._rrc = v2.RandomResizedCrop(self.image_size, scale=(aug.crop_scale, 1.0), antialias=True)
             self._policy = aug.policy()
 
@@ -304,9 +319,7 @@ class Transform:
         return out
 
     def _resize(self, x: Tensor) -> Tensor:
-        if tuple(x.shape[-2:]) == self.image_size:
-            return x
-        return TF.resize(x, list(self.image_size), antialias=True)
+        return resize(x, self.image_size)
 
     def _pad_crop_flip(self, x: Tensor, hashes: np.ndarray, flips: np.ndarray) -> Tensor:
         """Pad 4 px per 32 px of side, crop back to the source size, flip: vectorised over the batch."""
@@ -382,6 +395,26 @@ def eval_transform(image_size: tuple[int, int], in_chans: int) -> Transform:
     return Transform(image_size, in_chans, None)
 
 
+def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """uint8 images (..., C, H, W) resized to `size`, bilinear with antialiasing: what torchvision's
+    `v2.functional.resize(x, size, antialias=True)` computes on CPU (tests/test_images.py compares the two), without
+    importing torchvision. Where PyTorch has a native uint8 kernel (AVX2, AVX-512, ARM) it runs on the uint8
+    values; elsewhere in float32, rounded back."""
+    size = tuple(size)
+    if tuple(x.shape[-2:]) == size or x.numel() == 0:
+        return x
+    shape, (c, h, w) = x.shape, x.shape[-3:]
+    y = x.reshape(-1, c, h, w)
+    native = x.dtype == torch.uint8 and x.device.type == "cpu" and (
+        torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64"))
+    if native:
+        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False, antialias=True)
+    else:
+        y = F.interpolate(y.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        y = y.round_().to(x.dtype) if not x.is_floating_point() else y.to(x.dtype)
+    return y.reshape(shape[:-3] + (c, *size))
+
+
 def batch_mix(mixup: float, cutmix: float, num_classes: int) -> Callable[..., tuple[Tensor, Tensor]] | None:
     """MixUp / CutMix (one of the two per batch when both are on) as mix(images, labels, seed=None).
 
@@ -390,6 +423,8 @@ def batch_mix(mixup: float, cutmix: float, num_classes: int) -> Callable[..., tu
     the run seed and the step) to draw from a private generator so a resumed run mixes identically.
     None when both alphas are 0.
     """
+    from torchvision.transforms import v2
+
     ops = []
     if mixup > 0:
         ops.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
