@@ -129,10 +129,11 @@ def decode_image(data: bytes | str | os.PathLike, in_chans: int, name: str | Non
             data = Path(data).read_bytes()
         except OSError as exc:
             raise DataError(f"cannot read image {name}: {exc.strerror or one_line(exc)}") from exc
-    if data[:2] == b"\xff\xd8" and _jpeg_decoder() is not None:
+    decoder = _jpeg_decoder() if data[:2] == b"\xff\xd8" else None
+    if decoder is not None:
         # JPEG through torchvision's libjpeg-turbo: 26 us against PIL's 86 us for a 32x32 CIFAR image, and the
         # same pixels. Anything it cannot do (CMYK, errors) goes on to PIL, which names the error.
-        decode_jpeg, unchanged = _jpeg_decoder()
+        decode_jpeg, unchanged = decoder
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -189,7 +190,7 @@ def _match_channels(x: Tensor, in_chans: int) -> Tensor:
 
 # ----------------------------------------------------------------------------------------- transforms
 
-AUTOAUGMENT_POLICIES = {"cifar10": "CIFAR10", "imagenet": "IMAGENET", "svhn": "SVHN"}  # torchvision's AutoAugmentPolicy
+AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")  # torchvision's AutoAugmentPolicy, in lower case
 
 
 @dataclass
@@ -230,7 +231,7 @@ class TrainAug:
         if self.trivialaugment:
             return v2.TrivialAugmentWide()
         if self.autoaugment:
-            return v2.AutoAugment(getattr(v2.AutoAugmentPolicy, AUTOAUGMENT_POLICIES[self.autoaugment]))
+            return v2.AutoAugment(getattr(v2.AutoAugmentPolicy, self.autoaugment.upper()))
         return None
 
 
