@@ -152,6 +152,22 @@ def test_tanh_gelu_is_the_default_and_differs_from_exact():
     assert torch.allclose(act(z), tanh_form, atol=1e-6)
 
 
+def test_the_compiled_tanh_gelu_is_the_same_function_and_gradient(monkeypatch):
+    """Under torch.compile the tanh GELU is computed through a sigmoid (1 + tanh(z) = 2 sigmoid(2z)): the values
+    and gradients of the official form, in float32 and rounded to bf16 as PyTorch's own GELU rounds."""
+    act = VisionTransformer(tiny()).blocks[0].mlp.act
+    z = torch.linspace(-8, 8, 4001, dtype=torch.float64).float().requires_grad_()
+    eager = F.gelu(z, approximate="tanh")
+    (eager_grad,) = torch.autograd.grad(eager.sum(), z)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled = act(z)
+    (compiled_grad,) = torch.autograd.grad(compiled.sum(), z)
+    assert (compiled - eager).abs().max() < 1e-6 and (compiled_grad - eager_grad).abs().max() < 1e-5
+    zb = z.detach().bfloat16()
+    reference = F.gelu(zb, approximate="tanh").float()
+    assert ((act(zb).float() - reference).abs() <= 2 ** -7 * reference.abs() + 1e-6).all()  # at most 1 bf16 ulp
+
+
 def test_layer_norm_eps_is_flax_default():
     model = VisionTransformer(tiny())
     eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}

@@ -4,6 +4,7 @@ Every run uses one thread, here and in subprocesses, so that float results compa
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -253,6 +254,29 @@ def test_the_mask_embedding_is_not_decayed():
     decayed = {names[id(p)] for g in make_optimizer(model, cfg, torch.device("cpu")).param_groups
                if g["weight_decay"] > 0 for p in g["params"]}
     assert "mask_token" in names.values() and "mask_token" not in decayed and "mpp_head.weight" in decayed
+
+
+def test_the_fused_adamw_on_a_cpu_takes_the_steps_of_pytorchs_reference_adamw():
+    """make_optimizer's AdamW runs the fused kernel on a CPU; its steps are those of the for-loop implementation
+    (weight decay per group, learning rate per group) to float32 rounding."""
+    cfg = TrainConfig(**dict(TINY, weight_decay=0.1, lr=0.01))
+    torch.manual_seed(0)
+    model = model_module.build_model(cfg.model_config(num_classes=10))
+    initial, reference_model = copy.deepcopy(model), copy.deepcopy(model)
+    fused = make_optimizer(model, cfg, torch.device("cpu"))
+    assert all(g["fused"] for g in fused.param_groups) and {g["weight_decay"] for g in fused.param_groups} == {0.0, 0.1}
+    names = {id(p): n for n, p in model.named_parameters()}
+    reference = torch.optim.AdamW([dict(g, params=[reference_model.get_parameter(names[id(p)]) for p in g["params"]],
+                                        fused=False, foreach=False) for g in fused.param_groups])
+    for step in range(5):
+        for m in (model, reference_model):
+            torch.manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn_like(p)
+        fused.step()
+        reference.step()
+    for (name, p), q, p0 in zip(model.named_parameters(), reference_model.parameters(), initial.parameters()):
+        assert (p - q).abs().max() < 1e-6 < (p - p0).abs().max(), name
 
 
 def test_layer_decay_gives_each_layer_the_rate_of_the_formula():

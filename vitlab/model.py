@@ -331,12 +331,29 @@ class Mlp(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.mlp_dim)
-        self.act = nn.GELU(approximate="tanh" if cfg.gelu == "tanh" else "none")
+        self.act = TanhGELU() if cfg.gelu == "tanh" else nn.GELU()
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.hidden_size)
         self.drop = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class TanhGELU(nn.GELU):
+    """GELU in its tanh form, x/2 (1 + tanh(z)) with z = sqrt(2/pi) (x + 0.044715 x^3) (Flax's `nn.gelu`).
+
+    Under torch.compile it is computed as x sigmoid(2z), the same function (1 + tanh(z) = 2 sigmoid(2z)), in
+    float32: inductor's vectorised sigmoid runs on exp, ~3.5x faster on a CPU than its tanh, which made the GELU a
+    seventh of the demo's training step. Eager mode keeps PyTorch's one-kernel GELU."""
+
+    def __init__(self):
+        super().__init__(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return super().forward(x)
+        xf = x.float()
+        return (xf * torch.sigmoid(1.5957691216057308 * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
 
 
 class DropPath(nn.Module):
