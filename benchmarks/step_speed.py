@@ -153,6 +153,9 @@ def variants(cfg: ViTConfig, mode: str, compile_: bool) -> dict:
 
 
 def bench(cfg: ViTConfig, batch: int, mode: str, compile_: bool, rounds: int, steps: int, peak: float) -> list[dict]:
+    # Compiled code of the configs before is dropped: timm's forward is one code object for all its models, and
+    # past dynamo's recompile limit (8) a new model of it would silently run eager.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     images = torch.randint(0, 256, (batch, cfg.in_chans, *cfg.image_size), dtype=torch.uint8)
     labels = torch.randint(0, cfg.num_classes, (batch,))

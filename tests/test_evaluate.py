@@ -100,6 +100,15 @@ def test_eval_prints_top1_and_top5_and_writes_json(run, tmp_path, capsys):
     assert set(record) >= {"top1", "top5", "loss", "n"}
 
 
+def test_eval_compiled_scores_as_eager(run, tmp_path):
+    out, _ = run
+    for flags, name in (([], "eager.json"), (["--compile"], "compiled.json")):
+        assert cli.main(["eval", str(out), "--data", "fashion-mnist", "--json", str(tmp_path / name), *flags]) == 0
+    eager, compiled = (json.loads((tmp_path / name).read_text()) for name in ("eager.json", "compiled.json"))
+    assert compiled["n"] == eager["n"] == 128
+    assert compiled["top1"] == eager["top1"] and compiled["loss"] == pytest.approx(eager["loss"], abs=2e-3)
+
+
 def test_eval_on_a_val_split_and_wrong_data(run, capsys):
     out, _ = run
     assert cli.main(["eval", str(out), "--data", "fashion-mnist", "--split", "val", "--val-split", "0.25"]) == 0
