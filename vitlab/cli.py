@@ -586,7 +586,8 @@ def _add_evaluation(command) -> None:
                    help="the fraction of the training data cut as val (as in training)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: 1.1-1.3x the images/s, after 30-60 s of compiling (large sets)")
+                   help="torch.compile the model: 1.15-1.5x the images/s (benchmarks/step_speed.py) after 30-60 s of "
+                        "compiling, for large sets")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--bad-images", choices=("error", "skip"), default="error",
                    help="an unreadable image stops the evaluation, or is skipped and counted")

@@ -22,6 +22,7 @@ only for the layers a caller asks for, per call (`model(x, return_attention=[11]
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence
@@ -343,8 +344,8 @@ class TanhGELU(nn.GELU):
     """GELU in its tanh form, x/2 (1 + tanh(z)) with z = sqrt(2/pi) (x + 0.044715 x^3) (Flax's `nn.gelu`).
 
     Under torch.compile it is computed as x sigmoid(2z), the same function (1 + tanh(z) = 2 sigmoid(2z)), in
-    float32: inductor's vectorised sigmoid runs on exp, ~3.5x faster on a CPU than its tanh, which made the GELU a
-    seventh of the demo's training step. Eager mode keeps PyTorch's one-kernel GELU."""
+    float32: inductor's vectorised sigmoid runs on exp, ~2x faster on a CPU than its tanh, forward and backward
+    (benchmarks/parts_speed.py). Eager mode keeps PyTorch's one-kernel GELU."""
 
     def __init__(self):
         super().__init__(approximate="tanh")
@@ -353,7 +354,7 @@ class TanhGELU(nn.GELU):
         if not torch.compiler.is_compiling():
             return super().forward(x)
         xf = x.float()
-        return (xf * torch.sigmoid(1.5957691216057308 * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
+        return (xf * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
 
 
 class DropPath(nn.Module):
