@@ -64,6 +64,9 @@ def test_resnet_flags_only_for_resnets(capsys):
                     "apply to hybrids and BiT ResNets")
     _one_line_error(capsys, ["train", *flags(dict(CNN, model="bit-r26x1", hidden_size=64))], "hidden_size",
                     "does not apply to the BiT ResNet")
+    _one_line_error(capsys, ["train", *flags(dict(CNN, model="bit-r26x1", resnet_root="3x3"))], "resnet_root",
+                    "does not apply to the BiT ResNet")
+    _one_line_error(capsys, ["train", *flags(TINY), "--resnet-root", "3x3"], "resnet_root applies to hybrids")
 
 
 def test_fine_tune_defaults_are_the_papers_and_the_schedule_warms_up_then_cosine(tmp_path):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from vitlab.common import ConfigError
 from vitlab.formats import export_npz
 from vitlab.model import (
+    build_model,
     create_model,
     forward_flops,
     model_config,
@@ -124,6 +125,39 @@ def test_hybrid_names_and_errors():
         variant_config("r50+vit-b/16", image_size=200)
     with pytest.raises(ConfigError, match="resnet_num_layers"):
         variant_config("r50+vit-b/16", resnet_num_layers=(1, 0))
+
+
+def test_the_3x3_root_keeps_the_resolution_and_the_stages_set_the_stride():
+    cfg = variant_config("r26+vit-ti/4", image_size=32, resnet_num_layers=(1, 1, 1), resnet_root="3x3",
+                         resnet_width_factor=0.25, hidden_size=32, num_heads=2, num_layers=1, mlp_dim=64, num_classes=3)
+    assert cfg.stem_stride == 4 and cfg.patch_size == (1, 1) and cfg.grid_size == (8, 8)
+    model = build_model(cfg)
+    stem = model.patch_embed.backbone
+    assert stem.conv_root.kernel_size == (3, 3) and stem.conv_root.stride == (1, 1) and not stem.pool
+    x = torch.randn(2, 3, 32, 32)
+    root = F.relu(stem.gn_root(F.conv2d(x, standardize_weight(stem.conv_root.weight, 1e-5, "std"), padding=1)))
+    assert root.shape == (2, 16, 32, 32)  # a 3x3 stride-1 convolution with SAME padding, no max-pool
+    expected = root
+    for stage in stem.stages:
+        expected = stage(expected)
+    torch.testing.assert_close(stem(x), expected)
+    assert stem(x).shape == (2, 4 * 16 * 4, 8, 8) and model(x).shape == (2, 3)
+    # the convolutions' multiply-adds at full resolution: the root's 32x32x27x16, then each unit's four convolutions
+    root_macs = 32 * 32 * 3 * 9 * 16
+    unit1 = 32 * 32 * (16 * 16 + 16 * 16 * 9 + 16 * 64 + 16 * 64)
+    unit2 = 32 * 32 * 64 * 32 + 16 * 16 * (32 * 32 * 9 + 32 * 128 + 64 * 128)
+    unit3 = 16 * 16 * 128 * 64 + 8 * 8 * (64 * 64 * 9 + 64 * 256 + 128 * 256)
+    vit_cfg = variant_config("vit-ti/4", image_size=32, hidden_size=32, num_heads=2, num_layers=1, mlp_dim=64,
+                             num_classes=3)
+    vit_macs = forward_flops(vit_cfg) // 2 - 64 * 32 * 3 * 16  # without its patch embedding (Eq. 1)
+    assert forward_flops(cfg) // 2 == root_macs + unit1 + unit2 + unit3 + 64 * 32 * 256 + vit_macs
+    # the root names the stride: the paper's root with the same stages is 16, which a 4 px patch is not a multiple of
+    with pytest.raises(ConfigError, match="stride 16"):
+        variant_config("r26+vit-ti/4", resnet_num_layers=(1, 1, 1))
+    with pytest.raises(ConfigError, match="resnet_root"):
+        variant_config("vit-ti/4", resnet_root="3x3")
+    with pytest.raises(ConfigError, match="3x3 root block"):
+        export_npz(model, "unused.npz")
 
 
 def test_r50_vit_b16_size_equals_timm():

@@ -200,6 +200,8 @@ def test_torchrun_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     ("bit-r26x0.25", dict(image_size=32)),
     ("r26+vit-ti/8", dict(image_size=32, resnet_num_layers="1,1", resnet_width_factor=0.25, hidden_size=32,
                           num_layers=2, num_heads=2, mlp_dim=64)),
+    ("r26+vit-ti/8", dict(image_size=32, resnet_root="3x3", resnet_num_layers="1,1,1,1", resnet_width_factor=0.125,
+                          hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)),
 ])
 @pytest.mark.slow
 def test_bit_and_hybrid_train_evaluate_and_resume(tmp_path, capsys, model, extra):
@@ -210,6 +212,8 @@ def test_bit_and_hybrid_train_evaluate_and_resume(tmp_path, capsys, model, extra
     assert accuracy > 0.3  # the tiny set's blocks; chance is 0.1
     loaded = load_model(out)
     assert loaded.cfg.name == {"bit-r26x0.25": "BiT-R26x0.25", "r26+vit-ti/8": "R26+ViT-Ti/8"}[model]
+    if "resnet_root" in extra:  # the root is part of the checkpoint's config: strides 1, 1, 2, 2, 2 make 4x4 cells
+        assert loaded.cfg.resnet_root == "3x3" and loaded.cfg.grid_size == (4, 4)
     train_rows = [r for r in rows(out) if r["split"] == "train"]
     assert train_rows[-1]["train_flops"] == 3 * model_module.forward_flops(loaded.cfg) * 32 * 48
     assert cli.main(["eval", str(out), "--data", "fashion-mnist"]) == 0

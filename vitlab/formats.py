@@ -415,6 +415,9 @@ def state_dict_to_npz(model: nn.Module) -> dict[str, np.ndarray]:
     official layout has no place for the masked-patch-prediction head's weights: they are left out.)"""
     model = unwrap(model)
     cfg = model.cfg
+    if getattr(cfg, "resnet_root", "7x7") != "7x7":
+        raise ConfigError(f"the official layout has no hybrid with a {cfg.resnet_root} root block (its code builds the "
+                          "paper's 7x7 one): its vitlab checkpoint or an ONNX export (NAME.onnx) carries it")
     sd = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in model.state_dict().items()}
     convert = _conversions(cfg)
     out = {}

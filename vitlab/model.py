@@ -87,13 +87,15 @@ class ViTConfig(Config):
     # None: a plain ViT, whose patches are cut from the image.
     resnet_num_layers: tuple[int, ...] | None = None
     resnet_width_factor: float = 1.0
+    # The stem's root block: "7x7", the paper's (stride 4), or "3x3" (stride 1, for 32 px images; vitlab.resnet).
+    resnet_root: Literal["7x7", "3x3"] = "7x7"
     # Masked patch prediction (appendix B.1.2): a learned [mask] embedding and a head predicting each corrupted
     # patch's mean colour, one of mpp_classes (512 for 3 bits per RGB channel). 0: a plain classifier.
     mpp_classes: int = 0
 
     # The fields loaded weights fix: their shapes (transfer.adapt changes the others).
     ARCHITECTURE = ("patch_size", "in_chans", "hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier",
-                    "posemb", "resnet_num_layers", "resnet_width_factor")
+                    "posemb", "resnet_num_layers", "resnet_width_factor", "resnet_root")
     RULES = (
         ("in_chans hidden_size num_layers num_heads mlp_dim representation_size", positive, "a positive int"),
         ("num_classes mpp_classes", lambda v: v >= 0, "an int >= 0"),
@@ -125,7 +127,7 @@ class ViTConfig(Config):
     @property
     def stem_stride(self) -> int:
         """How much the hybrid's ResNet stem reduces the image before the patches are cut (1: no stem)."""
-        return 1 if self.resnet_num_layers is None else hybrid_stride(self.resnet_num_layers)
+        return 1 if self.resnet_num_layers is None else hybrid_stride(self.resnet_num_layers, self.resnet_root)
 
 
     @property
@@ -182,6 +184,8 @@ def variant_config(name: str, **overrides) -> ViTConfig:
     if not match.group(1) and {"resnet_num_layers", "resnet_width_factor"} & set(overrides):
         raise ConfigError(f"resnet_num_layers and resnet_width_factor apply to hybrids and BiT ResNets, not to {name} "
                           "(e.g. r50+vit-b/16, bit-r50x1)")
+    if not match.group(1) and "resnet_root" in overrides:
+        raise ConfigError(f"resnet_root applies to hybrids, not to {name} (e.g. r26+vit-ti/4)")
     if match.group(1):  # a hybrid
         depth = match.group(1)[1:]
         stages = next((k for k in (4, 3, 2, 1) if patch % (4 * 2 ** (k - 1)) == 0), None)
@@ -196,6 +200,13 @@ def variant_config(name: str, **overrides) -> ViTConfig:
     if unknown:
         raise ConfigError(f"unknown ViTConfig field(s): {', '.join(unknown)}")
     fields.update(overrides)
+    if match.group(1) and {"resnet_num_layers", "resnet_root"} & set(overrides):  # the stem's stride may change
+        stride = hybrid_stride(fields["resnet_num_layers"], fields.get("resnet_root", "7x7"))
+        if patch % stride:
+            raise ConfigError(f"{name!r}: its patch size {patch} is not a multiple of the stride {stride} of the stem "
+                              f"of resnet_num_layers {fields['resnet_num_layers']} and resnet_root "
+                              f"{fields.get('resnet_root', '7x7')!r}")
+        fields["patch_size"] = patch // stride
     return ViTConfig(**fields)
 
 
@@ -273,7 +284,7 @@ class PatchEmbed(nn.Module):
         self.backbone = None
         channels = cfg.in_chans
         if cfg.resnet_num_layers is not None:
-            self.backbone = HybridStem(cfg.in_chans, cfg.resnet_num_layers, cfg.resnet_width_factor)
+            self.backbone = HybridStem(cfg.in_chans, cfg.resnet_num_layers, cfg.resnet_width_factor, cfg.resnet_root)
             channels = self.backbone.out_channels
         self.proj = nn.Conv2d(channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
@@ -554,7 +565,8 @@ def forward_macs(cfg) -> int:
     channels = cfg.in_chans
     macs = 0
     if cfg.resnet_num_layers is not None:
-        macs += stem_macs(cfg.in_chans, cfg.resnet_num_layers, cfg.resnet_width_factor, cfg.image_size)
+        macs += stem_macs(cfg.in_chans, cfg.resnet_num_layers, cfg.resnet_width_factor, cfg.image_size,
+                          cfg.resnet_root)
         channels = hybrid_channels(cfg.resnet_num_layers, cfg.resnet_width_factor)
     macs += N * D * channels * cfg.patch_size[0] * cfg.patch_size[1]  # Eq. 1
     per_layer = T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * M  # qkv, QK^T and AV, out, MLP

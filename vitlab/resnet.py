@@ -147,10 +147,17 @@ def root_width(width_factor: float) -> int:
     return int(64 * width_factor)
 
 
-def hybrid_stride(num_layers: Sequence[int]) -> int:
-    """The stem's total stride: 4 for the root block (a stride-2 convolution and a stride-2 max-pool), times 2
-    for every stage after the first."""
-    return 4 * 2 ** max(len(num_layers) - 1, 0)
+# The hybrid's root blocks: "7x7" is the paper's (a 7×7 stride-2 convolution, then a 3×3 stride-2 max-pool:
+# stride 4); "3x3" a 3×3 stride-1 convolution and no pooling (stride 1), the root of He et al.'s CIFAR ResNets
+# (2016, section 4.2) for images of 32 px, where the paper's root would leave 8×8 cells of a 32 px image after
+# one convolution.
+RESNET_ROOTS = {"7x7": 4, "3x3": 1}  # root -> its stride
+
+
+def hybrid_stride(num_layers: Sequence[int], root: str = "7x7") -> int:
+    """The stem's total stride: the root block's (4 for the paper's, 1 for "3x3"), times 2 for every stage after
+    the first."""
+    return RESNET_ROOTS[root] * 2 ** max(len(num_layers) - 1, 0)
 
 
 def hybrid_channels(num_layers: Sequence[int], width_factor: float) -> int:
@@ -160,21 +167,25 @@ def hybrid_channels(num_layers: Sequence[int], width_factor: float) -> int:
 
 
 class HybridStem(nn.Module):
-    """The ResNet before the hybrid ViT (section 3.1, "Hybrid Architecture"): the root block (7×7
-    stride-2 convolution, GroupNorm, ReLU, 3×3 stride-2 max-pool) then `num_layers` stages of residual units,
-    the first at stride 1 and each next one halving the resolution and doubling the width.
+    """The ResNet before the hybrid ViT (section 3.1, "Hybrid Architecture"): the root block (the paper's: 7×7
+    stride-2 convolution, GroupNorm, ReLU, 3×3 stride-2 max-pool; or with root "3x3", a 3×3 stride-1
+    convolution, GroupNorm, ReLU) then `num_layers` stages of residual units, the first at stride 1 and each next
+    one halving the resolution and doubling the width.
     """
 
-    def __init__(self, in_chans: int, num_layers: Sequence[int], width_factor: float):
+    def __init__(self, in_chans: int, num_layers: Sequence[int], width_factor: float, root: str = "7x7"):
         super().__init__()
         width = root_width(width_factor)
-        self.conv_root = StdConv2d(in_chans, width, 7, 2, "same", **_HYBRID)
+        self.pool = root == "7x7"
+        kernel, stride = (7, 2) if self.pool else (3, 1)
+        self.conv_root = StdConv2d(in_chans, width, kernel, stride, "same", **_HYBRID)
         self.gn_root = group_norm(width, _HYBRID_GN_EPS)
         self.stages, self.out_channels = make_stages(ResidualUnit, width, num_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.gn_root(self.conv_root(x)))  # (B, w, H/2, W/2)
-        x = F.max_pool2d(same_padding(x, 3, 2, value=-math.inf), 3, 2)  # (B, w, H/4, W/4)
+        x = F.relu(self.gn_root(self.conv_root(x)))  # (B, w, H/2, W/2); "3x3": (B, w, H, W)
+        if self.pool:
+            x = F.max_pool2d(same_padding(x, 3, 2, value=-math.inf), 3, 2)  # (B, w, H/4, W/4)
         for stage in self.stages:
             x = stage(x)
         return x  # (B, C, H/s, W/s)
@@ -378,7 +389,8 @@ def resnet_macs(cfg: ResNetConfig) -> int:
     return count_macs(model, (cfg.in_chans, *cfg.image_size))
 
 
-def stem_macs(in_chans: int, num_layers: Sequence[int], width_factor: float, image_size: tuple[int, int]) -> int:
+def stem_macs(in_chans: int, num_layers: Sequence[int], width_factor: float, image_size: tuple[int, int],
+              root: str = "7x7") -> int:
     with torch.device("meta"):
-        stem = HybridStem(in_chans, num_layers, width_factor)
+        stem = HybridStem(in_chans, num_layers, width_factor, root)
     return count_macs(stem, (in_chans, *image_size))
