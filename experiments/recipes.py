@@ -75,7 +75,8 @@ HYBRID_R2 = ["--model", "r26+vit-ti/4", "--resnet-num-layers", "2", "--resnet-wi
 run("cifar10", "cifar10-hybrid-old", "the last hybrid preset (root, 2 units at half width, 6 layers on 8x8 cells), "
     "11 epochs, before the faster step", "--preset", "cifar10-hybrid", "--data", CIFAR,
     *HYBRID_R2, "--epochs", "11", compare_with="cifar10-hybrid")
-run("cifar10", "cifar10-hybrid-3x3", "a 3x3 stride-1 root, stages (1, 1, 1) at quarter width, 4 layers, 13 epochs", "--preset", "cifar10-hybrid", "--data", CIFAR, "--model", "r26+vit-ti/4",
+run("cifar10", "cifar10-hybrid-3x3", "a 3x3 stride-1 root, stages (1, 1, 1) at quarter width, 4 layers, 13 epochs",
+    "--preset", "cifar10-hybrid", "--data", CIFAR, "--model", "r26+vit-ti/4",
     "--resnet-root", "3x3", "--resnet-num-layers", "1,1,1", "--resnet-width-factor", "0.25", "--epochs", "13",
     compare_with="cifar10-hybrid")
 run("cifar10", "cifar10-old", "the last round's documented CIFAR-10 run", *OLD_CIFAR)

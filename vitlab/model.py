@@ -193,19 +193,18 @@ def variant_config(name: str, **overrides) -> ViTConfig:
             raise ConfigError(f"{name!r}: a hybrid's patch size is a multiple of its stem's stride, 4 or more")
         if not depth:
             stages = 0  # the root block alone, stride 4
-        stride = 4 * 2 ** max(stages - 1, 0)
-        fields.update(patch_size=patch // stride, name=f"R{depth}+ViT-{size}/{patch}",
+        fields.update(name=f"R{depth}+ViT-{size}/{patch}",
                       resnet_num_layers=hybrid_layers(int(depth), stages) if depth else ())
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ViTConfig)})
     if unknown:
         raise ConfigError(f"unknown ViTConfig field(s): {', '.join(unknown)}")
     fields.update(overrides)
-    if match.group(1) and {"resnet_num_layers", "resnet_root"} & set(overrides):  # the stem's stride may change
-        stride = hybrid_stride(fields["resnet_num_layers"], fields.get("resnet_root", "7x7"))
+    if match.group(1) and "patch_size" not in overrides:  # the name's patch over the stride of the stem as built
+        layers, root = fields["resnet_num_layers"], fields.get("resnet_root", "7x7")
+        stride = hybrid_stride(layers, root)
         if patch % stride:
             raise ConfigError(f"{name!r}: its patch size {patch} is not a multiple of the stride {stride} of the stem "
-                              f"of resnet_num_layers {fields['resnet_num_layers']} and resnet_root "
-                              f"{fields.get('resnet_root', '7x7')!r}")
+                              f"of resnet_num_layers {layers} and resnet_root {root!r}")
         fields["patch_size"] = patch // stride
     return ViTConfig(**fields)
 
