@@ -31,58 +31,76 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {}
 COMPARED_WITH: dict[str, str] = {}  # a run -> the preset run its "vs the preset" compares with (default: BASE's)
 
 
-def run(group: str, name: str, label: str, *flags: str, compare_with: str | None = None) -> None:
+MACHINES = {"avx2": "AVX2 (fp32)", "bf16": "AVX-512 BF16 (bf16)"}
+MACHINE: dict[str, str] = {}  # a run -> the CPU it ran on, a key of MACHINES
+
+
+def run(group: str, name: str, label: str, *flags: str, compare_with: str | None = None,
+        machine: str = "avx2") -> None:
     RUNS[name] = (group, label, list(flags))
+    MACHINE[name] = machine
     if compare_with:
         COMPARED_WITH[name] = compare_with
 
 
-# Fashion-MNIST, the demo: the preset (8 epochs, flips), then the last round's recipe (patch 7, width 192, 6 layers, no
-# EMA; it ran 11 epochs on a machine twice as fast as this one, here 6), then one change at a time. The rows marked
-# "6-epoch preset" change the preset as it stood before flips and 8 epochs (SIX); they and the patch 7 rows ran
+# Fashion-MNIST, the demo. Two machines: the runs up to this round's ran on an AVX-512 BF16 CPU in bf16 (BF16); this
+# round's machine has AVX2 alone, where bf16 is emulated (the demo's matmuls: 1.6 GFLOP/s against 58 in fp32) and
+# `--precision auto` trains in fp32, and there patch 7 runs 2.7x the images/s of patch 4 (821 against 303). Rows
+# compare with the preset on their own machine. The preset (patch 7, width 128, 4 layers, 8 epochs), then its 9-epoch
+# run; then the last preset (patch 4) and the runs behind it, on the bf16 machine: the last round's recipe (patch 7,
+# width 192, 6 layers, no EMA; it ran 11 epochs on a machine twice as fast, there 6), one change at a time. The rows
+# marked "6-epoch" change that preset as it stood before flips and 8 epochs (SIX); they and the patch 7 rows ran
 # before the compiled tanh GELU (vitlab.model.TanhGELU) and the fused AdamW made the step faster.
 DEMO = ["--preset", "fashion-mnist-demo"]
-SIX = [*DEMO, "--epochs", "6", "--no-flip"]
+P4 = [*DEMO, "--model", "vit-ti/4", "--precision", "bf16"]  # the last preset, as it ran
+SIX = [*P4, "--epochs", "6", "--no-flip"]
 P7 = ["--model", "vit-ti/7", "--hidden-size", "192", "--num-layers", "6", "--num-heads", "3", "--mlp-dim", "768"]
-run("demo", "demo", "fashion-mnist-demo (patch 4, width 128, 4 layers, EMA, flips, 8 epochs)", *DEMO)
-run("demo", "demo-crop", "the preset + pad-and-crop (4 px), stopped after 3 of 8 epochs", *DEMO, "--crop", "pad")
-run("demo", "demo-6ep", "the 6-epoch preset (no flips)", *SIX)
-run("demo", "demo-8ep", "the preset without flips", *DEMO, "--no-flip")
-run("demo", "demo-ls0", "the preset without label smoothing", *DEMO, "--label-smoothing", "0")
-run("demo", "demo-lr2e-3", "6-epoch preset, lr 2e-3", *SIX, "--lr", "2e-3")
-run("demo", "demo-bs32", "6-epoch preset, batch 32, lr 7e-4", *SIX, "--batch-size", "32", "--lr", "7e-4")
+run("demo", "demo-p7", "fashion-mnist-demo (patch 7, width 128, 4 layers, EMA, flips, 8 epochs; AVX2, fp32)", *DEMO)
+run("demo", "demo-p7-9ep", "the preset, 9 epochs (AVX2, fp32)", *DEMO, "--epochs", "9")
+BF16 = dict(compare_with="demo", machine="bf16")
+run("demo", "demo", "the last preset (patch 4, width 128, 4 layers, EMA, flips, 8 epochs; AVX-512 BF16, bf16)", *P4,
+    **BF16)
+run("demo", "demo-crop", "the last preset + pad-and-crop (4 px), stopped after 3 of 8 epochs", *P4, "--crop", "pad",
+    **BF16)
+run("demo", "demo-6ep", "the 6-epoch last preset (no flips)", *SIX, **BF16)
+run("demo", "demo-8ep", "the last preset without flips", *P4, "--no-flip", **BF16)
+run("demo", "demo-ls0", "the last preset without label smoothing", *P4, "--label-smoothing", "0", **BF16)
+run("demo", "demo-lr2e-3", "6-epoch, lr 2e-3", *SIX, "--lr", "2e-3", **BF16)
+run("demo", "demo-bs32", "6-epoch, batch 32, lr 7e-4", *SIX, "--batch-size", "32", "--lr", "7e-4", **BF16)
 run("demo", "demo-old", "the last round's recipe (patch 7, width 192, 6 layers), 6 epochs", *SIX, *P7,
-    "--ema-decay", "none")
-run("demo", "demo-p7-ema", "last round's + EMA 0.999", *SIX, *P7)
+    "--ema-decay", "none", **BF16)
+run("demo", "demo-p7-ema", "last round's + EMA 0.999", *SIX, *P7, **BF16)
 run("demo", "demo-p4-patchdrop", "last round's at patch 4 + patch dropout 0.5", *SIX, *P7, "--ema-decay", "none",
-    "--model", "vit-ti/4", "--patch-dropout", "0.5")
+    "--model", "vit-ti/4", "--patch-dropout", "0.5", **BF16)
 run("demo", "demo-sincos-lr2e-3", "last round's + sincos2d + lr 2e-3", *SIX, *P7, "--ema-decay", "none",
-    "--posemb", "sincos2d", "--lr", "2e-3")
+    "--posemb", "sincos2d", "--lr", "2e-3", **BF16)
 
-# CIFAR-10 from the training shards, a validation split of 10% cut by key hash (the test split is held back).
+# CIFAR-10 from the training shards, a validation split of 10% cut by key hash (the test split is held back). All ran
+# on the AVX-512 BF16 machine, in bf16.
 CIFAR_COMMON = ["--data", CIFAR, "--val-split", "0.1"]
 OLD_CIFAR = [*CIFAR_COMMON, "--model", "vit-ti/8", "--hidden-size", "128", "--num-layers", "6", "--num-heads", "4",
              "--mlp-dim", "512", "--image-size", "32", "--epochs", "10", "--batch-size", "128", "--lr", "2e-3",
              "--beta2", "0.99", "--weight-decay", "0.05", "--schedule", "cosine", "--precision", "bf16",
              "--num-workers", "1", "--no-compile"]
-run("cifar10", "cifar10-vit-17ep", "cifar10-vit (17 epochs)", "--preset", "cifar10-vit", "--data", CIFAR,
-    "--epochs", "17")
+run("cifar10", "cifar10-vit-17ep", "cifar10-vit (17 epochs)", "--preset", "cifar10-vit", "--precision", "bf16",
+    "--data", CIFAR, "--epochs", "17", machine="bf16")
 run("cifar10", "cifar10-vit", "cifar10-vit at 15 epochs, before the faster step (TanhGELU, fused AdamW)",
-    "--preset", "cifar10-vit", "--data", CIFAR, "--epochs", "15")
+    "--preset", "cifar10-vit", "--precision", "bf16", "--data", CIFAR, "--epochs", "15", machine="bf16")
 run("cifar10", "cifar10-hybrid", "cifar10-hybrid (R26's root and two stages, ViT of 4 layers on 4x4 cells, 27 epochs)",
-    "--preset", "cifar10-hybrid", "--data", CIFAR, compare_with="cifar10-hybrid")
+    "--preset", "cifar10-hybrid", "--precision", "bf16", "--data", CIFAR, compare_with="cifar10-hybrid",
+    machine="bf16")
 HYBRID_R2 = ["--model", "r26+vit-ti/4", "--resnet-num-layers", "2", "--resnet-width-factor", "0.5", "--num-layers", "6"]
 run("cifar10", "cifar10-hybrid-old", "the last hybrid preset (root, 2 units at half width, 6 layers on 8x8 cells), "
-    "11 epochs, before the faster step", "--preset", "cifar10-hybrid", "--data", CIFAR,
-    *HYBRID_R2, "--epochs", "11", compare_with="cifar10-hybrid")
+    "11 epochs, before the faster step", "--preset", "cifar10-hybrid", "--precision", "bf16", "--data", CIFAR,
+    *HYBRID_R2, "--epochs", "11", compare_with="cifar10-hybrid", machine="bf16")
 run("cifar10", "cifar10-hybrid-3x3", "a 3x3 stride-1 root, stages (1, 1, 1) at quarter width, 4 layers, 13 epochs",
-    "--preset", "cifar10-hybrid", "--data", CIFAR, "--model", "r26+vit-ti/4",
+    "--preset", "cifar10-hybrid", "--precision", "bf16", "--data", CIFAR, "--model", "r26+vit-ti/4",
     "--resnet-root", "3x3", "--resnet-num-layers", "1,1,1", "--resnet-width-factor", "0.25", "--epochs", "13",
-    compare_with="cifar10-hybrid")
-run("cifar10", "cifar10-old", "the last round's documented CIFAR-10 run", *OLD_CIFAR)
+    compare_with="cifar10-hybrid", machine="bf16")
+run("cifar10", "cifar10-old", "the last round's documented CIFAR-10 run", *OLD_CIFAR, machine="bf16")
 
 
-BASE = {"demo": "demo", "cifar10": "cifar10-vit-17ep"}  # the run each group's rows compare with
+BASE = {"demo": "demo-p7", "cifar10": "cifar10-vit-17ep"}  # the run each group's rows compare with
 TARGETS = {"demo": [("aim: 0.90", 0.90)], "cifar10": [("aim, ViT: 0.80", 0.80), ("aim, hybrid: 0.85", 0.85)]}
 
 
@@ -141,14 +159,14 @@ def report() -> None:
                              minutes=round(rows[-1].get("wall_s", 0) / 60, 1))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| run | accuracy | split | vs the preset | wall-clock minutes | command |",
-             "|---|---:|---|---:|---:|---|"]
+    lines = ["| run | accuracy | split | vs the preset | wall-clock minutes | CPU | command |",
+             "|---|---:|---|---:|---:|---|---|"]
     for name, r in results.items():
         base_name = COMPARED_WITH.get(name, BASE[r["group"]])
         base = results.get(base_name)
         delta = f"{r['final'] - base['final']:+.4f}" if base and name != base_name else ""
         lines.append(f"| {r['label']} | {r['final']:.4f} | {r['split']} | {delta} | {r['minutes']} | "
-                     f"`{r['command']}` |")
+                     f"{MACHINES[MACHINE[name]]} | `{r['command']}` |")
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     groups = sorted({r["group"] for r in results.values()})
     fig = Figure(figsize=(6 * len(groups), 4.2), layout="constrained")

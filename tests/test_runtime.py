@@ -37,8 +37,14 @@ def test_eval_mode_restores_the_training_flag_even_on_error():
     assert model.training
 
 
-def test_precision_auto_is_fp32_on_cpus():
-    assert runtime.resolve_precision("auto", torch.device("cpu")) == "fp32"
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_is_bf16_where_the_hardware_computes_in_it(monkeypatch, native):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert runtime.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
     assert runtime.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert runtime.resolve_precision("bf16", cpu) == "bf16"  # asked for: honoured, and flagged where emulated
+    assert runtime.emulated_bf16("bf16", cpu) is not native
+    assert not runtime.emulated_bf16("fp32", cpu) and not runtime.emulated_bf16("bf16", torch.device("cuda"))
     with pytest.raises(ConfigError, match="precision must be"):
-        runtime.resolve_precision("fp16", torch.device("cpu"))
+        runtime.resolve_precision("fp16", cpu)

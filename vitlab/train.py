@@ -55,7 +55,7 @@ from .rundir import (
     seed_all,
     set_rng_state,
 )
-from .runtime import autocast, normalize, resolve_precision
+from .runtime import autocast, emulated_bf16, normalize, resolve_precision
 from .transfer import init_from_pretrained
 from .weights import load_model, read_config
 
@@ -535,6 +535,8 @@ def _describe(out: Path, cfg: TrainConfig, model: nn.Module, splits, total_steps
         what = f", {m.num_patches} patches of {patch}"
         if m.mpp_classes:
             what += f", masked patch prediction of {m.mpp_classes} colours"
+    if emulated_bf16(precision.split(",")[0], proc.device):
+        precision += " (emulated: this CPU has no bf16 instructions, fp32 is many times faster: --precision auto)"
     return (f"{out}: {m.name or 'ViT'} ({sum(p.numel() for p in model.parameters()):,} parameters{what}); "
             f"{cfg.data}: {splits.train_size} training images, {splits.num_classes} classes; {total_steps} steps of "
             f"{cfg.batch_size} images; {proc.world_size} process{'es' if proc.distributed else ''} on "
