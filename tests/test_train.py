@@ -34,6 +34,7 @@ from tiny import (  # noqa: F401 (fixtures)
 
 from vitlab import cli
 from vitlab import model as model_module
+from vitlab import runtime
 from vitlab.common import ConfigError
 from vitlab.config import PRESETS, TrainConfig, fine_tune, make_config
 from vitlab.images import in_train_subset
@@ -372,6 +373,16 @@ def test_the_recipes_options_run_through_the_loop(tmp_path, fields):
     assert result["n"] == 128 and 0 <= result["top1"] <= 1
     losses = [r["loss"] for r in rows(tmp_path / "run") if r["split"] == "train"]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_run_says_when_its_bf16_is_emulated(tmp_path, monkeypatch, capsys, native):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    train(TrainConfig(**dict(TINY, steps=1, precision="bf16"), out=str(tmp_path / "bf16")))
+    train(TrainConfig(**dict(TINY, steps=1), out=str(tmp_path / "auto")))  # auto: what the hardware computes in
+    first = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
+    assert ("bf16 emulated" in first[0]) is not native and "emulated" not in first[1]
+    assert ("on cpu, bf16" if native else "on cpu, fp32") in first[1]
 
 
 @pytest.mark.slow

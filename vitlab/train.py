@@ -143,8 +143,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
             log = stack.enter_context(contextlib.closing(RunLog(out, at.step, started)))
-            print(_describe(out, cfg, model, splits, total_steps, proc, precision + (", compiled" if net is not model
-                                                                                     else ""), at.step))
+            print(_describe(out, cfg, model, splits, total_steps, proc, precision, net is not model, at.step))
         bar = stack.enter_context(tqdm(total=total_steps, initial=at.step, unit="step", dynamic_ncols=True,
                                        disable=not proc.is_main))
         # Training FLOPs, for compute-vs-accuracy plots: a backward pass costs about two forward passes (one
@@ -524,7 +523,7 @@ def _run_directory(cfg: TrainConfig, resume: bool, proc: "Process") -> tuple[Tra
 
 
 def _describe(out: Path, cfg: TrainConfig, model: nn.Module, splits, total_steps: int, proc: "Process",
-              precision: str, step: int) -> str:
+              precision: str, compiled: bool, step: int) -> str:
     """The line a run starts with: the model, the data, the steps, the processes."""
     m = model.cfg
     what = ""
@@ -535,12 +534,13 @@ def _describe(out: Path, cfg: TrainConfig, model: nn.Module, splits, total_steps
         what = f", {m.num_patches} patches of {patch}"
         if m.mpp_classes:
             what += f", masked patch prediction of {m.mpp_classes} colours"
-    if emulated_bf16(precision.split(",")[0], proc.device):
-        precision += " (emulated: this CPU has no bf16 instructions, fp32 is many times faster: --precision auto)"
+    how = precision + (", compiled" if compiled else "")
+    if emulated_bf16(precision, proc.device):
+        how += " (bf16 emulated: this CPU has no bf16 instructions, and fp32 is many times faster: --precision auto)"
     return (f"{out}: {m.name or 'ViT'} ({sum(p.numel() for p in model.parameters()):,} parameters{what}); "
             f"{cfg.data}: {splits.train_size} training images, {splits.num_classes} classes; {total_steps} steps of "
             f"{cfg.batch_size} images; {proc.world_size} process{'es' if proc.distributed else ''} on "
-            f"{proc.device.type}, {precision}" + (f"; resuming at step {step}" if step else ""))
+            f"{proc.device.type}, {how}" + (f"; resuming at step {step}" if step else ""))
 
 
 # --------------------------------------------------------------------------------------------------------------
