@@ -2,23 +2,25 @@
 
     python benchmarks/step_speed.py                         # the three configs, training and inference
     python benchmarks/step_speed.py --configs demo --modes train --no-compile
+    python benchmarks/step_speed.py --configs preset-demo,preset-demo-p4 --modes train --precision fp32
 
-It first measures the machine's matrix-multiply peak (bf16 and fp32, a large square product, best of several), then
+It first measures the machine's matrix-multiply peak (in --precision, a large square product, best of several), then
 for each config times every variant in rounds, interleaved (each round runs every variant for a few steps, in a
 rotating order), so that the machine's noise falls on all alike:
 
 - vitlab, eager and `torch.compile`d: the product's own step (vitlab.train.train_step with the classification
-  objective, AdamW from make_optimizer, clipping; label smoothing 0.1, bf16 autocast) and its inference path
+  objective, AdamW from make_optimizer, clipping; label smoothing 0.1, autocast) and its inference path
   (vitlab.runtime.Predictor, what `vitlab eval`, `predict` and `serve` use);
 - timm's VisionTransformer of the same shape and numerics, with its fused attention on (its default) and off
   (TIMM_FUSED_ATTN=0, its fastest setting on CPUs), eager and compiled: a hand-written step doing the same work
-  (normalise the uint8 batch, forward under bf16 autocast, cross-entropy with label smoothing, backward, clip at
-  global norm 1, AdamW) and an inference forward under bf16 autocast and inference_mode.
+  (normalise the uint8 batch, forward under autocast, cross-entropy with label smoothing, backward, clip at
+  global norm 1, AdamW) and an inference forward under autocast and inference_mode.
 
 Each row gives images/s (median over rounds, and the best round), the GFLOP/s that makes (forward FLOPs of the
-model, vitlab.model.forward_flops, x3 for a training step) and its share of the bf16 peak. Training and inference
-are timed with the same batch. Nothing here is a test: timings vary with the machine; the ratios in one run are
-what compare.
+model, vitlab.model.forward_flops, x3 for a training step) and its share of the peak. Training and inference
+are timed with the same batch. `--precision` (default auto: bf16 where the CPU has bf16 instructions, else
+fp32, as `vitlab train` picks) sets every variant's autocast and the peak the shares are of. Nothing here is a
+test: timings vary with the machine; the ratios in one run are what compare.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitlab.config import TrainConfig  # noqa: E402
 from vitlab.model import ViTConfig, VisionTransformer, forward_flops, variant_config  # noqa: E402
-from vitlab.runtime import Predictor  # noqa: E402
+from vitlab.runtime import Predictor, autocast, resolve_precision  # noqa: E402
 from vitlab.train import ClassificationObjective, Process, make_optimizer, train_step  # noqa: E402
 
 CONFIGS = {  # name: (config, batch)
@@ -46,9 +48,16 @@ CONFIGS = {  # name: (config, batch)
                                     mlp_dim=768, classifier="gap", num_classes=10), 64),
     "ti4": (lambda: variant_config("vit-ti/4", image_size=32, num_classes=10), 128),
     "s16": (lambda: variant_config("vit-s/16", image_size=224, num_classes=1000), 16),
+    # the fashion-mnist-demo preset's model, and the last preset's (patch 4)
+    "preset-demo": (lambda: variant_config("vit-ti/7", image_size=28, in_chans=1, hidden_size=128, num_layers=4,
+                                           num_heads=4, mlp_dim=256, classifier="gap", num_classes=10), 64),
+    "preset-demo-p4": (lambda: variant_config("vit-ti/4", image_size=28, in_chans=1, hidden_size=128, num_layers=4,
+                                              num_heads=4, mlp_dim=256, classifier="gap", num_classes=10), 64),
 }
 DESCRIPTION = {"demo": "demo model (p7, width 192, 6 layers, 28 px)", "ti4": "ViT-Ti/4 at 32 px",
-               "s16": "ViT-S/16 at 224 px"}
+               "s16": "ViT-S/16 at 224 px", "preset-demo": "the demo preset (p7, width 128, 4 layers, 28 px)",
+               "preset-demo-p4": "the last demo preset (p4, width 128, 4 layers, 28 px)"}
+CPU = torch.device("cpu")
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 12) -> float:
@@ -80,7 +89,7 @@ def timm_twin(cfg: ViTConfig, fused: bool):
     )
 
 
-def timm_train_step(model, cfg: ViTConfig, compiled: bool):
+def timm_train_step(model, cfg: ViTConfig, compiled: bool, precision: str):
     """The hand-written step of a timm user: what vitlab's step does, written out."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     forward = torch.compile(model) if compiled else model
@@ -88,7 +97,7 @@ def timm_train_step(model, cfg: ViTConfig, compiled: bool):
 
     def step(images, labels):
         x = (images.float() / 255 - mean) / std
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(CPU, precision):
             logits = forward(x)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
         loss.backward()
@@ -99,25 +108,25 @@ def timm_train_step(model, cfg: ViTConfig, compiled: bool):
     return step
 
 
-def timm_infer_step(model, cfg: ViTConfig, compiled: bool):
+def timm_infer_step(model, cfg: ViTConfig, compiled: bool, precision: str):
     model.eval()
     forward = torch.compile(model) if compiled else model
     mean, std = torch.tensor(cfg.mean).view(1, -1, 1, 1), torch.tensor(cfg.std).view(1, -1, 1, 1)
 
     def step(images, labels):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode(), autocast(CPU, precision):
             forward((images.float() / 255 - mean) / std)
 
     return step
 
 
-def vitlab_train_step(cfg: ViTConfig, compiled: bool):
+def vitlab_train_step(cfg: ViTConfig, compiled: bool, precision: str):
     model = VisionTransformer(cfg).train()
     train_cfg = TrainConfig(data="fashion-mnist", model="vit-ti/16", lr=1e-4, weight_decay=0.05, label_smoothing=0.1,
-                            precision="bf16", compile=compiled)
+                            precision=precision, compile=compiled)
     optimizer = make_optimizer(model, train_cfg, torch.device("cpu"))
     net = torch.compile(model) if compiled else model
-    objective = ClassificationObjective(cfg, torch.device("cpu"), "bf16", label_smoothing=0.1)
+    objective = ClassificationObjective(cfg, CPU, precision, label_smoothing=0.1)
     proc = Process(0, 1, torch.device("cpu"))
 
     def step(images, labels):
@@ -126,8 +135,8 @@ def vitlab_train_step(cfg: ViTConfig, compiled: bool):
     return step
 
 
-def vitlab_infer_step(cfg: ViTConfig, compiled: bool):
-    predictor = Predictor(VisionTransformer(cfg), precision="bf16", compile=compiled)
+def vitlab_infer_step(cfg: ViTConfig, compiled: bool, precision: str):
+    predictor = Predictor(VisionTransformer(cfg), precision=precision, compile=compiled)
 
     def step(images, labels):
         predictor.logits(images)
@@ -135,31 +144,32 @@ def vitlab_infer_step(cfg: ViTConfig, compiled: bool):
     return step
 
 
-def variants(cfg: ViTConfig, mode: str, compile_: bool) -> dict:
+def variants(cfg: ViTConfig, mode: str, compile_: bool, precision: str) -> dict:
     out = {}
     for compiled in (False, True) if compile_ else (False,):
         suffix = ", compiled" if compiled else ""
         if mode == "train":
-            out[f"vitlab{suffix}"] = vitlab_train_step(cfg, compiled)
+            out[f"vitlab{suffix}"] = vitlab_train_step(cfg, compiled, precision)
             for fused in (True, False):
                 out[f"timm fused {'on' if fused else 'off'}{suffix}"] = timm_train_step(
-                    timm_twin(cfg, fused).train(), cfg, compiled)
+                    timm_twin(cfg, fused).train(), cfg, compiled, precision)
         else:
-            out[f"vitlab{suffix}"] = vitlab_infer_step(cfg, compiled)
+            out[f"vitlab{suffix}"] = vitlab_infer_step(cfg, compiled, precision)
             for fused in (True, False):
                 out[f"timm fused {'on' if fused else 'off'}{suffix}"] = timm_infer_step(timm_twin(cfg, fused), cfg,
-                                                                                        compiled)
+                                                                                        compiled, precision)
     return out
 
 
-def bench(cfg: ViTConfig, batch: int, mode: str, compile_: bool, rounds: int, steps: int, peak: float) -> list[dict]:
+def bench(cfg: ViTConfig, batch: int, mode: str, compile_: bool, rounds: int, steps: int, peak: float,
+          precision: str) -> list[dict]:
     # Compiled code of the configs before is dropped: timm's forward is one code object for all its models, and
     # past dynamo's recompile limit (8) a new model of it would silently run eager.
     torch._dynamo.reset()
     torch.manual_seed(0)
     images = torch.randint(0, 256, (batch, cfg.in_chans, *cfg.image_size), dtype=torch.uint8)
     labels = torch.randint(0, cfg.num_classes, (batch,))
-    fns = variants(cfg, mode, compile_)
+    fns = variants(cfg, mode, compile_, precision)
     for fn in fns.values():  # warm-up: compilation, allocator, caches
         for _ in range(3):
             fn(images, labels)
@@ -185,20 +195,23 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     args = p.parse_args()
+    precision = resolve_precision(args.precision, CPU)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, MALLOC_MMAP_THRESHOLD_="
           f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}")
-    peak = matmul_peak(torch.bfloat16)
-    print(f"matmul peak (2048^3, best of 12): bf16 {peak:.0f} GFLOP/s, fp32 {matmul_peak(torch.float32):.0f} GFLOP/s")
+    # the peak of the precision measured (an emulated bf16 product of 2048^3 takes ~10 s on an AVX2 CPU)
+    peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+    print(f"matmul peak (2048^3, best of 12): {precision} {peak:.0f} GFLOP/s; every variant in {precision}")
     print()
-    print("| config | mode | variant | img/s (median) | img/s (best) | GFLOP/s | share of bf16 peak |")
+    print(f"| config | mode | variant | img/s (median) | img/s (best) | GFLOP/s | share of {precision} peak |")
     print("|---|---|---|---:|---:|---:|---:|")
     for name in args.configs.split(","):
         make, batch = CONFIGS[name]
         cfg = make()
         for mode in args.modes.split(","):
-            rows = bench(cfg, batch, mode, args.compile, args.rounds, args.steps, peak)
+            rows = bench(cfg, batch, mode, args.compile, args.rounds, args.steps, peak, precision)
             best_timm = max(r["median"] for r in rows if r["variant"].startswith("timm"))
             best_ours = max(r["median"] for r in rows if r["variant"].startswith("vitlab"))
             for r in rows:
