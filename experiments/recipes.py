@@ -60,6 +60,7 @@ P7 = ["--model", "vit-ti/7", "--hidden-size", "192", "--num-layers", "6", "--num
 run("demo", "demo-p7", "fashion-mnist-demo (patch 7, width 128, 4 layers, EMA, flips, 7 epochs)", *DEMO)
 run("demo", "demo-p7-8ep", "the preset, 8 epochs", *DEMO, "--epochs", "8")
 run("demo", "demo-p7-9ep", "the preset, 9 epochs", *DEMO, "--epochs", "9")
+run("demo", "demo-p7-noema", "the preset without the EMA", *DEMO, "--ema-decay", "none")
 BF16 = dict(compare_with="demo", machine="bf16")
 run("demo", "demo", "the last preset (patch 4, width 128, 4 layers, EMA, flips, 8 epochs)", *P4,
     **BF16)
