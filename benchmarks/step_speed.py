@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitlab.config import TrainConfig  # noqa: E402
+from vitlab.config import PRESETS, TrainConfig  # noqa: E402
 from vitlab.model import ViTConfig, VisionTransformer, forward_flops, variant_config  # noqa: E402
 from vitlab.runtime import Predictor, autocast, resolve_precision  # noqa: E402
 from vitlab.train import ClassificationObjective, Process, make_optimizer, train_step  # noqa: E402
@@ -48,11 +49,10 @@ CONFIGS = {  # name: (config, batch)
                                     mlp_dim=768, classifier="gap", num_classes=10), 64),
     "ti4": (lambda: variant_config("vit-ti/4", image_size=32, num_classes=10), 128),
     "s16": (lambda: variant_config("vit-s/16", image_size=224, num_classes=1000), 16),
-    # the fashion-mnist-demo preset's model, and the last preset's (patch 4)
-    "preset-demo": (lambda: variant_config("vit-ti/7", image_size=28, in_chans=1, hidden_size=128, num_layers=4,
-                                           num_heads=4, mlp_dim=256, classifier="gap", num_classes=10), 64),
-    "preset-demo-p4": (lambda: variant_config("vit-ti/4", image_size=28, in_chans=1, hidden_size=128, num_layers=4,
-                                              num_heads=4, mlp_dim=256, classifier="gap", num_classes=10), 64),
+    # the fashion-mnist-demo preset's model as the preset builds it, and at the last preset's patch 4
+    "preset-demo": (lambda: PRESETS["fashion-mnist-demo"]().model_config(num_classes=10), 64),
+    "preset-demo-p4": (lambda: dataclasses.replace(PRESETS["fashion-mnist-demo"](), model="vit-ti/4")
+                       .model_config(num_classes=10), 64),
 }
 DESCRIPTION = {"demo": "demo model (p7, width 192, 6 layers, 28 px)", "ti4": "ViT-Ti/4 at 32 px",
                "s16": "ViT-S/16 at 224 px", "preset-demo": "the demo preset (p7, width 128, 4 layers, 28 px)",
@@ -124,10 +124,10 @@ def vitlab_train_step(cfg: ViTConfig, compiled: bool, precision: str):
     model = VisionTransformer(cfg).train()
     train_cfg = TrainConfig(data="fashion-mnist", model="vit-ti/16", lr=1e-4, weight_decay=0.05, label_smoothing=0.1,
                             precision=precision, compile=compiled)
-    optimizer = make_optimizer(model, train_cfg, torch.device("cpu"))
+    optimizer = make_optimizer(model, train_cfg, CPU)
     net = torch.compile(model) if compiled else model
     objective = ClassificationObjective(cfg, CPU, precision, label_smoothing=0.1)
-    proc = Process(0, 1, torch.device("cpu"))
+    proc = Process(0, 1, CPU)
 
     def step(images, labels):
         train_step(net, model, optimizer, objective, images, labels, 1e-4, 0, train_cfg, proc)

@@ -44,14 +44,14 @@ def run(group: str, name: str, label: str, *flags: str, compare_with: str | None
 
 
 # Fashion-MNIST, the demo. Two machines: the runs up to this round's ran on an AVX-512 BF16 CPU in bf16 (BF16 below,
-# dashed in the plot); this round's machine has AVX2 alone, where bf16 is emulated (the demo's matmuls: 1.6 GFLOP/s
-# against 58 in fp32) and `--precision auto` trains in fp32, and there patch 7 runs 2.5x the images/s of patch 4
-# (717 against 291, benchmarks/step_speed.py). Rows compare with the preset on their own machine. The preset
-# (patch 7, width 128, 4 layers, 7 epochs), its 8- and 9-epoch runs; then the last preset (patch 4) and the runs
-# behind it, on the bf16 machine: the last round's recipe (patch 7, width 192, 6 layers, no EMA; it ran 11 epochs
-# on a machine twice as fast, there 6), one change at a time. The rows marked "6-epoch" change that preset as it
-# stood before flips and 8 epochs (SIX); they and the patch 7 rows ran before the compiled tanh GELU
-# (vitlab.model.TanhGELU) and the fused AdamW made the step faster.
+# dashed in the plot); this round's machine has AVX2 alone, where bf16 is emulated (the last preset trained at 21
+# images/s in bf16 against 303 in fp32) and `--precision auto` trains in fp32, and there patch 7 runs 2.5-2.9x the
+# images/s of patch 4 (benchmarks/step_speed.py). Rows compare with the preset on their own machine.
+# The preset (patch 7, width 128, 4 layers, 7 epochs), its 8- and 9-epoch runs; then the last preset (patch 4) and the
+# runs behind it, on the bf16 machine: the last round's recipe (patch 7, width 192, 6 layers, no EMA; it ran 11 epochs
+# on a machine twice as fast, there 6), one change at a time. The rows marked "6-epoch" change that preset as it stood
+# before flips and 8 epochs (SIX); they and the patch 7 rows ran before the compiled tanh GELU (vitlab.model.TanhGELU)
+# and the fused AdamW made the step faster.
 DEMO = ["--preset", "fashion-mnist-demo"]
 LAST = [*DEMO, "--model", "vit-ti/4", "--precision", "bf16"]
 P4 = [*LAST, "--epochs", "8"]  # the last preset, as it ran

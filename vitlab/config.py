@@ -305,21 +305,21 @@ def fashion_mnist_demo() -> TrainConfig:
               after each epoch): short of the 0.90 aimed at
     Time:     10.8 min of training (7 epochs at ~740 images/s, fp32, compiled), `make demo` 12 min 56 s from a
               fresh clone (8 epochs: 0.8863, 14 min 22 s, too near the 15)
-    Hardware: 2 CPU cores (AMD EPYC, AVX2 without AVX-512: fp32 matmul peak ~58 GFLOP/s at these shapes), no GPU
+    Hardware: 2 CPU cores (AMD EPYC, AVX2 without AVX-512; fp32 matmul peak 103-126 GFLOP/s, step_speed.py), no GPU
 
     The recipe (experiments/recipes.py and experiments/results/recipes/results.md have the runs behind it): patch
     7 (16 tokens of 7x7), width 128, 4 layers, 4 heads, MLP 256 (0.54M parameters), mean pooling, batch 64, label
     smoothing 0.1, random flips, AdamW with beta2 0.99, warm-up then cosine decay to 0, an EMA of the weights
     (0.999), torch.compile, bf16 autocast where the CPU has bf16 instructions (`precision="auto"`), else fp32.
-    Patch 7 replaced the last preset's patch 4 when the machine changed: on this AVX2 CPU, in fp32, patch 4 runs
-    303 images/s in the loop, so 8 of its epochs would take ~26 minutes, while patch 7 runs 2.5x as many (717
-    against 291, compiled, batch 64: benchmarks/step_speed.py --configs preset-demo,preset-demo-p4) and reaches
-    the same accuracy in less time: 0.8893 after 8 of 9 epochs, 0.8888 after 9 (12.9 min of training). The last
-    preset's 8 epochs of patch 4 printed 0.8885 in 11.2 min on an AVX-512 BF16 CPU in bf16 (~900 images/s); its
-    runs showed that an epoch's accuracy hardly depends on the step (lr 2e-3: -1.0 points after 6 epochs; batch 32
-    at lr 7e-4: +0.4, at 25% fewer images/s here), that flips pay only at the end (+0.15 after 8 epochs) and label
-    smoothing nothing, and that models large enough to learn more cost their FLOPs in full on two cores: 8 epochs
-    of them do not fit the demo's 15 minutes.
+    Patch 7 replaced the last preset's patch 4 when the machine changed: on this AVX2 CPU, in fp32, patch 4 runs 303
+    images/s in the loop, so 8 of its epochs would take ~26 minutes, while patch 7 runs 2.5-2.9x as many (717
+    against 291 and 937 against 320 in two runs of benchmarks/step_speed.py --configs preset-demo,preset-demo-p4,
+    compiled, batch 64) and reaches the same accuracy in less time: 0.8893 after 8 of 9 epochs, 0.8888 after 9 (12.9
+    min of training). The last preset's 8 epochs of patch 4 printed 0.8885 in 11.2 min on an AVX-512 BF16 CPU in
+    bf16 (~900 images/s); its runs showed that an epoch's accuracy hardly depends on the step (lr 2e-3: -1.0 points
+    after 6 epochs; batch 32 at lr 7e-4: +0.4, at ~600 images/s here against ~780), that flips pay only at the end
+    (+0.15 after 8 epochs) and label smoothing nothing, and that models large enough to learn more cost their FLOPs
+    in full on two cores: 8 epochs of them do not fit the demo's 15 minutes.
     """
     return TrainConfig(
         data="fashion-mnist", image_size=(28, 28), mean=(0.2860,), std=(0.3530,),  # the training set's statistics

@@ -25,7 +25,7 @@ def default_device() -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" is bf16 on GPUs and on CPUs that compute in bf16 natively (AVX-512 BF16 or AMX), else fp32: where bf16
-    is emulated the demo's matmuls ran at 1.6 bf16 GFLOP/s against 58 in fp32 on an AVX2-only CPU."""
+    is emulated (an AVX2-only CPU) the last demo preset trained at 21 images/s in bf16 against 303 in fp32."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
     if precision not in ("bf16", "fp32"):
