@@ -1,4 +1,4 @@
-"""Two parts of the training step that this round made faster, each against what it replaced, on this machine.
+"""Parts of the training step made faster, each against what it replaced, on this machine.
 
     python benchmarks/parts_speed.py
 
@@ -7,6 +7,9 @@
    tokens, MLP 768), forward alone and forward + backward.
 2. The AdamW update of that model's parameters (2.7M) with make_optimizer's parameter groups: PyTorch's fused CPU
    kernel (what make_optimizer picks) against the foreach implementation (PyTorch's CPU default).
+3. Attention in float32, forward + backward: `scaled_dot_product_attention` (PyTorch's fused CPU kernel) against
+   the product written out as vitlab.model.Attention writes it, at the demo preset's shape (batch 64, 4 heads of
+   32, 16 tokens), at 65 tokens and at ViT-B/16's 197 (model._fused_pays picks between them by length).
 
 Variants are interleaved, best of 20 rounds. Prints milliseconds and ratios; nothing here is a test.
 """
@@ -70,6 +73,17 @@ def adamw() -> None:
     show(f"AdamW update of {n / 1e6:.1f}M parameters", best_ms({"foreach": foreach.step, "fused": fused.step}))
 
 
+def attention() -> None:
+    for b, h, n, d in ((64, 4, 16, 32), (64, 3, 65, 64), (8, 12, 197, 64)):
+        q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+        grad = torch.randn(b, h, n, d)
+        fns = {"fused": lambda: F.scaled_dot_product_attention(q, k, v).backward(grad),
+               "written out": lambda: (((q * d**-0.5) @ k.transpose(-2, -1)).softmax(-1) @ v).backward(grad)}
+        show(f"attention forward + backward, float32, {n} tokens (batch {b}, {h} heads of {d})",
+             best_ms(fns, rounds=10 if n > 100 else 20))
+
+
 if __name__ == "__main__":
     gelu()
     adamw()
+    attention()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from vitlab.evaluate import (
     ridge_solve,
     shot_indices,
     shot_order,
+    tta_logits,
 )
 from vitlab.images import TrainAug, eval_transform
 from vitlab.model import VisionTransformer, ViTConfig
@@ -86,6 +88,48 @@ def test_the_evaluator_equals_a_hand_computation_and_restores_training_mode(run)
     assert result["top1"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item(), abs=1e-9)
     assert result["top5"] == pytest.approx((top5 == labels[:, None]).any(-1).float().mean().item(), abs=1e-9)
     assert result["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_flip_tta_classifies_by_the_mean_of_an_image_s_and_its_mirror_s_probabilities(run):
+    out, _ = run
+    splits = data.build("fashion-mnist", image_size=(16, 16), in_chans=1, train_transform=TrainAug())
+    evaluator = Classification(splits.eval, "test", batch_size=48, device=torch.device("cpu"), precision="fp32",
+                               tta="flip")
+    model = load_model(out)
+    result = evaluator.run(model)
+    images = torch.stack([splits.eval[i][0] for i in range(len(splits.eval))])  # all 128, by hand
+    labels = torch.tensor([splits.eval[i][1] for i in range(len(splits.eval))])
+    with torch.no_grad():
+        probs = [model(runtime.normalize(x, model.cfg.mean, model.cfg.std)).softmax(-1)
+                 for x in (images, images.flip(-1))]
+    mean = (probs[0] + probs[1]) / 2
+    assert not torch.equal(probs[0].argmax(-1), probs[1].argmax(-1))  # the mirror images are classified otherwise
+    assert result["n"] == 128
+    assert result["top1"] == pytest.approx((mean.argmax(-1) == labels).float().mean().item(), abs=1e-9)
+    assert result["loss"] == pytest.approx(F.nll_loss(mean.log(), labels).item(), rel=1e-5)
+    with torch.no_grad():
+        logits = tta_logits(model, images, "fp32", "flip")
+    torch.testing.assert_close(logits.softmax(-1), mean, rtol=1e-5, atol=1e-6)  # logits of the mean distribution
+    torch.testing.assert_close(logits, logits.log_softmax(-1), rtol=0, atol=1e-5)
+
+
+def test_eval_uses_a_run_s_own_tta_unless_told(run, tmp_path, capsys):
+    """A run that evaluated with --tta flip is evaluated so again by default; --tta none or flip overrides."""
+    out, _ = run
+    flipped = tmp_path / "run"
+    shutil.copytree(out, flipped)
+    config = json.loads((flipped / "train_config.json").read_text())
+    assert config["tta"] == "none"
+    (flipped / "train_config.json").write_text(json.dumps(dict(config, tta="flip")))
+    results = {}
+    for name, ckpt, flags in (("plain", out, []), ("run's", flipped, []), ("none", flipped, ["--tta", "none"]),
+                              ("flip", out, ["--tta", "flip"])):
+        assert cli.main(["eval", str(ckpt), "--data", "fashion-mnist", "--json", str(tmp_path / "e.json"),
+                         *flags]) == 0
+        results[name] = json.loads((tmp_path / "e.json").read_text())
+        assert ("and their mirror images" in capsys.readouterr().out) == (results[name]["tta"] == "flip")
+    assert [results[n]["tta"] for n in results] == ["none", "flip", "none", "flip"]
+    assert results["plain"]["loss"] == results["none"]["loss"] != results["flip"]["loss"] == results["run's"]["loss"]
 
 
 def test_eval_prints_top1_and_top5_and_writes_json(run, tmp_path, capsys):

@@ -27,20 +27,24 @@ from vitlab.images import (
 )
 
 
-def test_pad_crop_is_a_window_of_the_zero_padded_image(fmnist):
+@pytest.mark.parametrize("crop_pad,pad", [(None, 4), (1, 1)], ids=["default", "crop_pad=1"])
+def test_pad_crop_is_a_window_of_the_zero_padded_image(fmnist, crop_pad, pad):
+    """Each image is a window of itself padded by `pad` px (by default 4 per 32 px of side, here 28 px: 4), maybe
+    mirrored; the windows take every offset."""
     _, train_images, _ = fmnist
-    train = fm(TrainAug(crop="pad")).train
+    train = fm(TrainAug(crop="pad", crop_pad=crop_pad)).train
     offsets, flips = set(), 0
+    side = 2 * pad + 1
     for i in range(N_TRAIN):
         out, _ = train[i]
-        padded = torch.nn.functional.pad(train_images[i], (4, 4, 4, 4))
-        crops = {(dy, dx): padded[:, dy:dy + 28, dx:dx + 28] for dy in range(9) for dx in range(9)}
+        padded = torch.nn.functional.pad(train_images[i], (pad,) * 4)
+        crops = {(dy, dx): padded[:, dy:dy + 28, dx:dx + 28] for dy in range(side) for dx in range(side)}
         windows = [(dy, dx, f) for (dy, dx), crop in crops.items() for f in (False, True)
                    if torch.equal(out, crop.flip(-1) if f else crop)]
         assert windows, f"sample {i} is not a crop of its padded image"
         offsets.add(windows[0][:2])
         flips += windows[0][2]
-    assert len(offsets) > 10 and 5 < flips < 35
+    assert len(offsets) > min(10, side * side - 2) and 5 < flips < 35
 
 
 def test_batched_and_single_sample_paths_agree(fmnist):
@@ -215,6 +219,8 @@ def test_augmentation_policies_change_images_keyed_by_sample(aug):
 def test_train_aug_validates():
     with pytest.raises(DataError, match="crop"):
         TrainAug(crop="center")
+    with pytest.raises(DataError, match="crop pad must be >= 0, got -1"):
+        TrainAug(crop_pad=-1)
 
 
 @pytest.mark.parametrize("shape,size", [((1, 28, 28), (48, 48)), ((3, 40, 30), (32, 32)), ((5, 3, 17, 23), (224, 160)),

@@ -332,8 +332,9 @@ def test_public_api():
         assert hasattr(vitlab, name)
 
 
-def test_bf16_on_cpu_takes_the_written_out_path_with_the_same_result(monkeypatch):
-    """On CPUs in bf16 the fused kernel is the slow one (model._fused_pays); both paths compute Eq. 6."""
+def test_short_sequences_on_cpu_take_the_written_out_path_with_the_same_result(monkeypatch):
+    """On CPUs the fused kernel is the slow one for short sequences (model._fused_pays): up to 128 tokens in
+    float32, 256 in bf16; both paths compute Eq. 6."""
     torch.manual_seed(0)
     model = VisionTransformer(tiny()).eval()
     for p in model.parameters():
@@ -342,13 +343,22 @@ def test_bf16_on_cpu_takes_the_written_out_path_with_the_same_result(monkeypatch
     calls = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        written_out = model(x).float()
+    with torch.no_grad():
+        written_out = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            written_out_bf16 = model(x).float()
     assert calls == []
+    monkeypatch.setattr(vitlab.model, "_fused_pays", lambda q: True)
     with torch.no_grad():
         fused = model(x)
     assert len(calls) == 2
-    assert (written_out - fused).abs().max() < 0.05 * fused.abs().max()
+    torch.testing.assert_close(written_out, fused, rtol=1e-5, atol=1e-5)
+    assert (written_out_bf16 - fused).abs().max() < 0.05 * fused.abs().max()
+    monkeypatch.undo()
+    for dtype, longest in ((torch.float32, 128), (torch.bfloat16, 256)):
+        assert not vitlab.model._fused_pays(torch.empty(1, 2, longest, 8, dtype=dtype))
+        assert vitlab.model._fused_pays(torch.empty(1, 2, longest + 1, 8, dtype=dtype))
+        assert vitlab.model._fused_pays(torch.empty(1, 2, 8, 8, dtype=dtype, device="meta"))  # not a CPU
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -131,6 +131,7 @@ def test_an_mpp_run_records_its_colour_metrics_and_fine_tunes_like_any_other(tmp
 @pytest.mark.parametrize("fields,message", [
     (dict(init="x"), "objective mpp pre-trains a model from scratch"),
     (dict(mixup=0.2), "mixup do not apply to objective mpp"),
+    (dict(tta="flip"), "tta do not apply to objective mpp"),
     (dict(model="bit-r26x1", hidden_size=None, num_layers=None, num_heads=None, mlp_dim=None, image_size=32),
      "objective mpp does not apply to the BiT ResNet"),
 ])

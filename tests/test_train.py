@@ -33,6 +33,7 @@ from tiny import (  # noqa: F401 (fixtures)
 )
 
 from vitlab import cli
+from vitlab import data as vitlab_data
 from vitlab import model as model_module
 from vitlab import runtime
 from vitlab.common import ConfigError
@@ -399,6 +400,22 @@ def test_eval_data_evaluates_on_another_set(tmp_path):
     result = train(TrainConfig(**dict(TINY, steps=4, eval_data=f"wds:{shards}"), out=str(tmp_path / "run")))
     assert result["n"] == 40  # every image of the shards
     assert [r["split"] for r in rows(tmp_path / "run") if r["split"] != "train"] == ["eval"]
+
+
+@pytest.mark.parametrize("fields,expected", [
+    (dict(trivialaugment=True), dict(trivialaugment=True)),
+    (dict(autoaugment="cifar10"), dict(autoaugment="cifar10")),
+    (dict(randaugment=(2, 9), crop="pad", crop_pad=1, flip=False), dict(randaugment=(2, 9), crop_pad=1, flip=False)),
+])
+def test_the_run_augments_as_its_config_says(tmp_path, monkeypatch, fields, expected):
+    """Every augmentation field of the config reaches the training data's transform (TrivialAugment and
+    AutoAugment were once accepted and not applied)."""
+    seen = []
+    real = vitlab_data.build
+    monkeypatch.setattr(vitlab_data, "build", lambda *a, **k: seen.append(k["train_transform"]) or real(*a, **k))
+    train(TrainConfig(**dict(TINY, steps=1, **fields), out=str(tmp_path / "run")))
+    assert {name: getattr(seen[0], name) for name in expected} == expected
+    assert seen[0].policy() is not None
 
 
 def test_compile_by_default_only_where_it_pays():

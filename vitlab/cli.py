@@ -221,6 +221,7 @@ def cmd_eval(args) -> None:
     from . import data
     from .common import atomic_write_text
     from .evaluate import Classification, read_real_labels
+    from .rundir import run_setting
     from .runtime import Predictor, default_device
 
     if args.batch_size < 1:
@@ -240,15 +241,16 @@ def cmd_eval(args) -> None:
         if args.bad_images == "skip":
             raise ConfigError("--real-labels pairs labels with images by position: not with --bad-images skip")
         real = read_real_labels(args.real_labels, dataset, cfg.num_classes)
+    tta = args.tta or run_setting(args.ckpt, "tta", "none")  # a run is evaluated as it evaluated itself
     predictor = Predictor(model, args.precision, device, compile=args.compile)  # weights cast once
     evaluator = Classification(dataset, split, batch_size=args.batch_size, device=device,
                                precision=predictor.precision, num_workers=args.num_workers, real=real,
-                               label_map=label_map)
+                               label_map=label_map, tta=tta)
     result = evaluator.run(predictor.run)
     if args.json:
-        record = dict(result, split=split, data=args.data, checkpoint=str(args.ckpt))
+        record = dict(result, split=split, data=args.data, checkpoint=str(args.ckpt), tta=tta)
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
-    print(f"{split}: {result['n']} images")
+    print(f"{split}: {result['n']} images" + (" and their mirror images (--tta flip)" if tta == "flip" else ""))
     print(f"loss: {result['loss']:.4f}")
     print(f"top1: {result['top1']:.4f}")
     print(f"top5: {result['top5']:.4f}")
@@ -592,6 +594,9 @@ def _add_evaluation(command) -> None:
     p.add_argument("--bad-images", choices=("error", "skip"), default="error",
                    help="an unreadable image stops the evaluation, or is skipped and counted")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=PRECISION_HELP)
+    p.add_argument("--tta", choices=("none", "flip"), default=None,
+                   help="test-time augmentation: flip averages each image's class probabilities with its mirror "
+                        "image's (default: a training run's own, else none)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--real-labels", type=Path, default=None, metavar="REAL_JSON",
                    help="also report ImageNet-ReaL top-1: real.json, one list of labels per validation image in "

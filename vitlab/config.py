@@ -62,6 +62,8 @@ class TrainConfig(Config):
     crop: Literal["auto", "rrc", "pad", "none"] = _opt("auto", "random crop: auto is pad-and-crop up to 64 px, "
                                                        "else RandomResizedCrop")
     crop_scale: float = _opt(0.08, "RandomResizedCrop's smallest area fraction")
+    crop_pad: int | None = _opt(None, "pad-and-crop's padding in pixels per side, a shift of up to that many (default: "
+                                      "4 per 32 px of side)")
     flip: bool = _opt(True, "random horizontal flips")
     randaugment: tuple[int, int] | None = _opt(None, "RandAugment N,M (number of ops, magnitude; Cubuk et al. 2020)")
     trivialaugment: bool = _opt(False, "TrivialAugmentWide, one random op of random strength per image (Müller and "
@@ -140,13 +142,15 @@ class TrainConfig(Config):
     log_every: int = _opt(10, "steps between progress-bar updates and metric flushes")
     eval_every: int | None = _opt(None, "evaluate every N steps (default: at the end of each epoch), and always at "
                                         "the end")
+    tta: Literal["none", "flip"] = _opt("none", "test-time augmentation of the evaluations: flip classifies each image "
+                                                "by the mean of its and its mirror image's class probabilities")
 
     RULES = (
         ("batch_size accum_steps epochs steps log_every save_every eval_every train_images", lambda v: v >= 1,
          ">= 1"),
         ("in_chans", lambda v: v in (1, 3), "1 or 3"),
         ("lr grad_clip", lambda v: 0 < v < math.inf, "> 0"),
-        ("warmup weight_decay mixup cutmix num_workers", lambda v: 0 <= v < math.inf, ">= 0"),
+        ("warmup weight_decay mixup cutmix num_workers crop_pad", lambda v: 0 <= v < math.inf, ">= 0"),
         ("label_smoothing beta1 beta2 momentum dropout attention_dropout drop_path patch_dropout", lambda v: 0 <= v < 1,
          "in [0, 1)"),
         ("ema_decay", lambda v: 0 < v < 1, "in (0, 1)"),
@@ -173,6 +177,7 @@ class TrainConfig(Config):
                 raise ConfigError("objective mpp pre-trains a model from scratch: set --model, not --init")
         if self.objective == "mpp":
             mixed = [n for n in ("mixup", "cutmix", "label_smoothing") if getattr(self, n)]
+            mixed += ["tta"] if self.tta != "none" else []
             if mixed:
                 raise ConfigError(f"{', '.join(mixed)} do not apply to objective mpp (its targets are colours)")
         elif self.keep_pre_logits and self.init is None:
@@ -324,9 +329,9 @@ def fashion_mnist_demo() -> TrainConfig:
     return TrainConfig(
         data="fashion-mnist", image_size=(28, 28), mean=(0.2860,), std=(0.3530,),  # the training set's statistics
         model="vit-ti/7", hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256, classifier="gap",
-        epochs=7, batch_size=64, lr=1e-3, beta2=0.99, weight_decay=0.05, warmup=0.05, schedule="cosine",
+        epochs=10, batch_size=64, lr=1e-3, beta2=0.99, weight_decay=0.05, warmup=0.05, schedule="cosine",
         crop="none", flip=True, label_smoothing=0.1, ema_decay=0.999, precision="auto", num_workers=0,
-        compile=True,
+        compile=True, tta="flip", eval_every=2 * (60_000 // 64),  # every second epoch
     )
 
 

@@ -39,10 +39,11 @@ def real_accuracy(predictions: Sequence[int], real: Sequence[Sequence[int]]) -> 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
-             real: Sequence[Sequence[int]] | None = None, label_map: Sequence[int] | None = None) -> dict[str, float]:
+             real: Sequence[Sequence[int]] | None = None, label_map: Sequence[int] | None = None,
+             tta: str = "none") -> dict[str, float]:
     """Top-1 and top-5 accuracy, mean cross-entropy and the number of images of `loader` (uint8 batches); with
     `real` (the ReaL label sets of the loader's images, in its order) also real_top1 and real_n. `label_map` turns
-    the dataset's labels into the model's classes (vitlab.data.match_classes)."""
+    the dataset's labels into the model's classes (vitlab.data.match_classes); `tta` is `tta_logits`'s."""
     mapping = None if label_map is None else torch.as_tensor(label_map, device=device)
     k = min(5, unwrap(model).cfg.num_classes)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-k hits
@@ -54,7 +55,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
                 continue
             images, labels = (t.to(device, non_blocking=True) for t in batch)
             labels = labels if mapping is None else mapping[labels]
-            logits = forward(model, images, precision).float()
+            logits = tta_logits(model, images, precision, tta)
             hits = logits.topk(k, dim=-1).indices == labels[:, None]  # (B, k)
             totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(),
                                    hits.any(-1).sum()])
@@ -70,13 +71,25 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
     return result
 
 
+def tta_logits(model: nn.Module, images: torch.Tensor, precision: str, tta: str = "none") -> torch.Tensor:
+    """The model's float32 logits for a batch of uint8 images. With tta="flip" (test-time augmentation, as
+    KellerJordan's airbench evaluates) the images and their horizontal mirrors go through the model as one batch,
+    and each image gets the log of the mean of the two class distributions: logits whose softmax is that mean."""
+    if tta == "none":
+        return forward(model, images, precision).float()
+    if tta != "flip":
+        raise ValueError(f"tta must be none or flip, not {tta!r}")
+    own, mirrored = forward(model, torch.cat([images, images.flip(-1)]), precision).float().chunk(2)
+    return torch.logaddexp(own.log_softmax(-1), mirrored.log_softmax(-1)) - math.log(2)
+
+
 class Classification:
     """The evaluator of one labelled split: `run(model)` gives its top1, top5, loss and n."""
 
     def __init__(self, dataset, name: str, *, batch_size: int, device: torch.device, precision: str,
                  num_workers: int = 0, real: Sequence[Sequence[int]] | None = None,
-                 label_map: Sequence[int] | None = None):
-        self.dataset, self.name, self.real, self.label_map = dataset, name, real, label_map
+                 label_map: Sequence[int] | None = None, tta: str = "none"):
+        self.dataset, self.name, self.real, self.label_map, self.tta = dataset, name, real, label_map, tta
         self.batch_size, self.device, self.precision, self.num_workers = batch_size, device, precision, num_workers
 
     def loader(self):
@@ -87,7 +100,8 @@ class Classification:
         )
 
     def run(self, model: nn.Module) -> dict[str, float]:
-        return evaluate(model, self.loader(), self.device, self.precision, self.real, self.label_map)
+        return evaluate(model, self.loader(), self.device, self.precision, self.real, self.label_map,
+                        self.tta)
 
 
 def preprocess(model: nn.Module) -> Preprocess:

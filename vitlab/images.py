@@ -198,6 +198,7 @@ class TrainAug:
     """Per-sample training augmentation; mixup/cutmix are batch-level (`batch_mix`)."""
     crop: str = "auto"          # "rrc" | "pad" | "none" | "auto": "pad" for sources with side <= 64 px, else "rrc"
     crop_scale: float = 0.08    # RandomResizedCrop's lower area bound
+    crop_pad: int | None = None  # pad-and-crop's padding in pixels per side (None: 4 per 32 px of side)
     flip: bool = True
     randaugment: tuple[int, int] | None = None  # (num_ops, magnitude)
     trivialaugment: bool = False  # TrivialAugmentWide (Müller and Hutter 2021)
@@ -209,6 +210,8 @@ class TrainAug:
             raise DataError(f"unknown crop {self.crop!r}: expected auto, rrc, pad or none")
         if not 0 < self.crop_scale <= 1:
             raise DataError(f"crop scale must be in (0, 1], got {self.crop_scale}")
+        if self.crop_pad is not None and self.crop_pad < 0:
+            raise DataError(f"crop pad must be >= 0, got {self.crop_pad}")
         if self.pad_mode not in ("constant", "reflect", "replicate"):
             raise DataError(f"unknown pad mode {self.pad_mode!r}: expected constant, reflect or replicate")
         if self.randaugment is not None:
@@ -323,9 +326,12 @@ class Transform:
         return resize(x, self.image_size)
 
     def _pad_crop_flip(self, x: Tensor, hashes: np.ndarray, flips: np.ndarray) -> Tensor:
-        """Pad 4 px per 32 px of side, crop back to the source size, flip: vectorised over the batch."""
+        """Pad (crop_pad px, by default 4 per 32 px of side), crop back to the source size, flip: vectorised over
+        the batch."""
         b, _, h, w = x.shape
-        pad_y, pad_x = (round(h / 8), round(w / 8)) if self.crop_mode(h, w) == "pad" else (0, 0)
+        pad_y, pad_x = (0, 0)
+        if self.crop_mode(h, w) == "pad":
+            pad_y, pad_x = (round(h / 8), round(w / 8)) if self.aug.crop_pad is None else (self.aug.crop_pad,) * 2
         off_y = torch.from_numpy(((hashes & np.uint64(0xFFFF)) % np.uint64(2 * pad_y + 1)).astype(np.int64))
         off_x = torch.from_numpy((((hashes >> np.uint64(16)) & np.uint64(0xFFFF))
                                   % np.uint64(2 * pad_x + 1)).astype(np.int64))

@@ -328,12 +328,16 @@ class Attention(nn.Module):
 def _fused_pays(q: torch.Tensor) -> bool:
     """Whether `scaled_dot_product_attention` beats the written-out product for these queries.
 
-    It does everywhere but in bf16/fp16 on CPUs, where PyTorch's fused CPU kernel is slower than three plain
-    products (softmax in float32) for short sequences. Measured here (2 cores, AVX-512 bf16), forward and backward:
-    16 tokens 5.5 ms fused against 0.7 ms written out, 197 tokens 55 against 49, 577 tokens 90 against 120; the
-    switch at 256 tokens lies between the last two measurements.
+    It does on GPUs, and on CPUs for long sequences; for short ones PyTorch's fused CPU kernel is slower than three
+    plain products, in float32 up to ~128 tokens and in bf16/fp16 (softmax in float32) up to ~256. Forward and
+    backward of one layer's attention (benchmarks/parts_speed.py; 2 cores): in float32 on an AVX2 CPU, 17 tokens
+    (batch 64, 4 heads of 32: the demo) 5.7 ms fused against 3.4 written out, 65 tokens 24.6 against 18.8, 197
+    tokens 50.9 against 71.7; in bf16 on an AVX-512 BF16 CPU, 16 tokens 5.5 against 0.7, 197 tokens 55 against
+    49, 577 tokens 90 against 120. The switches lie between these measurements.
     """
-    return q.device.type != "cpu" or q.dtype == torch.float32 or q.shape[-2] > 256
+    if q.device.type != "cpu":
+        return True
+    return q.shape[-2] > (128 if q.dtype == torch.float32 else 256)
 
 
 class Mlp(nn.Module):

@@ -38,6 +38,18 @@ METRICS_FILE = "metrics.jsonl"
 FIXED_ON_RESUME = ("batch_size", "optimizer", "seed")
 
 
+
+def run_setting(directory: str | os.PathLike, key: str, default):
+    """A training run's setting (its train_config.json's `key`) when `directory` is a run, else `default`."""
+    path = Path(directory) / TRAIN_CONFIG_FILE
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text()).get(key, default)
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable training config ({e})") from None
+
+
 # Checkpoints. The weights (model.safetensors, config.json) and the training state (train_state.pt) are separate
 # files, and a resumed run needs them from the same step. A save therefore writes all three into DIR/.next.tmp,
 # renames that to DIR/.next (the commit point: one atomic rename), then moves the files one by one into DIR and

@@ -89,7 +89,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             cfg = cfg.with_source(source_cfg)
 
         # ---- data ------------------------------------------------------------------------------------------
-        aug = TrainAug(crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip, randaugment=cfg.randaugment)
+        aug = TrainAug(crop=cfg.crop, crop_scale=cfg.crop_scale, crop_pad=cfg.crop_pad, flip=cfg.flip,
+                       randaugment=cfg.randaugment, trivialaugment=cfg.trivialaugment, autoaugment=cfg.autoaugment)
         splits = data.build(cfg.data, image_size=cfg.image_size, in_chans=cfg.in_chans, train_transform=aug,
                             val_split=cfg.val_split, bad_images=cfg.bad_images, train_images=cfg.train_images,
                             in_memory=cfg.in_memory)
@@ -136,6 +137,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             kind = MaskedPatchPrediction if mpp else Classification
             if mpp:
                 eval_set.pop("label_map", None)  # the targets are colours
+            else:
+                eval_set["tta"] = cfg.tta
             evaluators.append(kind(**eval_set, batch_size=local_batch // cfg.accum_steps, device=proc.device,
                                    precision=precision, num_workers=cfg.num_workers))
         log = None
@@ -540,7 +543,8 @@ def _describe(out: Path, cfg: TrainConfig, model: nn.Module, splits, total_steps
     return (f"{out}: {m.name or 'ViT'} ({sum(p.numel() for p in model.parameters()):,} parameters{what}); "
             f"{cfg.data}: {splits.train_size} training images, {splits.num_classes} classes; {total_steps} steps of "
             f"{cfg.batch_size} images; {proc.world_size} process{'es' if proc.distributed else ''} on "
-            f"{proc.device.type}, {how}" + (f"; resuming at step {step}" if step else ""))
+            f"{proc.device.type}, {how}" + ("; evaluated with flip test-time augmentation" if cfg.tta == "flip" else "")
+            + (f"; resuming at step {step}" if step else ""))
 
 
 # --------------------------------------------------------------------------------------------------------------
