@@ -329,7 +329,7 @@ def fashion_mnist_demo() -> TrainConfig:
     return TrainConfig(
         data="fashion-mnist", image_size=(28, 28), mean=(0.2860,), std=(0.3530,),  # the training set's statistics
         model="vit-ti/7", hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256, classifier="gap",
-        epochs=10, batch_size=64, lr=1e-3, beta2=0.99, weight_decay=0.05, warmup=0.05, schedule="cosine",
+        epochs=9, batch_size=64, lr=1e-3, beta2=0.99, weight_decay=0.05, warmup=0.05, schedule="cosine",
         crop="none", flip=True, label_smoothing=0.1, ema_decay=0.999, precision="auto", num_workers=0,
         compile=True, tta="flip", eval_every=2 * (60_000 // 64),  # every second epoch
     )
