@@ -11,11 +11,12 @@
    the product written out as vitlab.model.Attention writes it, at the demo preset's shape (batch 64, 4 heads of
    32, 16 tokens), at 65 tokens and at ViT-B/16's 197 (model._fused_pays picks between them by length).
 
-Variants are interleaved, best of 20 rounds. Prints milliseconds and ratios; nothing here is a test.
+Variants are interleaved, best of 20 rounds (attention: also the median). Prints milliseconds and ratios; nothing here is a test.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,19 +34,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_speed import CONFIGS  # noqa: E402
 
 
-def best_ms(variants: dict, rounds: int = 20, calls: int = 10) -> dict[str, float]:
-    """Best milliseconds per call of each no-argument function, the variants interleaved round by round."""
+def best_ms(variants: dict, rounds: int = 20, calls: int = 10, stat=min) -> dict[str, float]:
+    """Milliseconds per call of each no-argument function, the variants interleaved round by round: the best round
+    by default, or `stat` (e.g. statistics.median) of the rounds."""
     for fn in variants.values():
         for _ in range(3):
             fn()
-    best = dict.fromkeys(variants, float("inf"))
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / calls * 1e3)
-    return best
+            times[name].append((time.perf_counter() - t0) / calls * 1e3)
+    return {name: stat(ts) for name, ts in times.items()}
 
 
 def show(what: str, times: dict[str, float]) -> None:
@@ -79,8 +81,10 @@ def attention() -> None:
         grad = torch.randn(b, h, n, d)
         fns = {"fused": lambda: F.scaled_dot_product_attention(q, k, v).backward(grad),
                "written out": lambda: (((q * d**-0.5) @ k.transpose(-2, -1)).softmax(-1) @ v).backward(grad)}
-        show(f"attention forward + backward, float32, {n} tokens (batch {b}, {h} heads of {d})",
-             best_ms(fns, rounds=10 if n > 100 else 20))
+        rounds = 10 if n > 100 else 20
+        for stat in (min, statistics.median):  # the fused kernel's time varies more from call to call
+            show(f"attention forward + backward, float32, {n} tokens (batch {b}, {h} heads of {d}), {stat.__name__}",
+                 best_ms(fns, rounds=rounds, stat=stat))
 
 
 if __name__ == "__main__":

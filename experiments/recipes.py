@@ -43,40 +43,55 @@ def run(group: str, name: str, label: str, *flags: str, compare_with: str | None
         COMPARED_WITH[name] = compare_with
 
 
-# Fashion-MNIST, the demo. Two machines: the runs up to this round's ran on an AVX-512 BF16 CPU in bf16 (BF16 below,
-# dashed in the plot); this round's machine has AVX2 alone, where bf16 is emulated (the last preset trained at 21
-# images/s in bf16 against 303 in fp32) and `--precision auto` trains in fp32, and there patch 7 runs 2.5-2.9x the
-# images/s of patch 4 (benchmarks/step_speed.py). Rows compare with the preset on their own machine.
-# The preset (patch 7, width 128, 4 layers, 7 epochs), its 8- and 9-epoch runs; then the last preset (patch 4) and the
-# runs behind it, on the bf16 machine: the last round's recipe (patch 7, width 192, 6 layers, no EMA; it ran 11 epochs
-# on a machine twice as fast, there 6), one change at a time. The rows marked "6-epoch" change that preset as it stood
-# before flips and 8 epochs (SIX); they and the patch 7 rows ran before the compiled tanh GELU (vitlab.model.TanhGELU)
-# and the fused AdamW made the step faster.
+# Fashion-MNIST, the demo. Two machines: the runs up to the last round's ran on an AVX-512 BF16 CPU in bf16 (BF16
+# below, dashed in the plot); this machine has AVX2 alone, where bf16 is emulated (the last preset but one trained at
+# 21 images/s in bf16 against 303 in fp32) and `--precision auto` trains in fp32, and there patch 7 runs 2.5-2.9x the
+# images/s of patch 4 (benchmarks/step_speed.py). Rows compare with the preset on their own machine and code.
+# The preset (9 epochs, flip TTA, evaluated every second epoch), its 10-epoch run and two changes to that; the 11-epoch
+# run without TTA, which ran with this round's written-out attention before TTA existed; then the last preset (7
+# epochs, PyTorch's fused attention, no TTA) and its 8-epoch, 9-epoch and no-EMA runs. Then the last preset but one
+# (patch 4, below "the patch 4 preset") and the runs behind it, on the bf16 machine: the recipe before it (patch 7,
+# width 192, 6 layers, no EMA; it ran 11 epochs on a machine twice as fast, there 6), one change at a time. The rows
+# marked "6-epoch" change that preset as it stood before flips and 8 epochs (SIX); they and the patch 7 rows ran
+# before the compiled tanh GELU (vitlab.model.TanhGELU) and the fused AdamW made the step faster. Runs that predate
+# a flag are pinned to what they ran with (--tta none, --eval-every 937: every epoch).
 DEMO = ["--preset", "fashion-mnist-demo"]
-LAST = [*DEMO, "--model", "vit-ti/4", "--precision", "bf16"]
-P4 = [*LAST, "--epochs", "8"]  # the last preset, as it ran
+PER_EPOCH = ["--eval-every", "937"]  # the runs before the preset evaluated every second epoch
+P7_7EP = [*DEMO, "--epochs", "7", "--tta", "none", *PER_EPOCH]  # the last preset, before flip TTA and 10 epochs
+LAST = [*DEMO, "--model", "vit-ti/4", "--precision", "bf16", "--tta", "none", *PER_EPOCH]
+P4 = [*LAST, "--epochs", "8"]  # the patch 4 preset, as it ran
 SIX = [*LAST, "--epochs", "6", "--no-flip"]
 P7 = ["--model", "vit-ti/7", "--hidden-size", "192", "--num-layers", "6", "--num-heads", "3", "--mlp-dim", "768"]
-run("demo", "demo-p7", "fashion-mnist-demo (patch 7, width 128, 4 layers, EMA, flips, 7 epochs)", *DEMO)
-run("demo", "demo-p7-8ep", "the preset, 8 epochs", *DEMO, "--epochs", "8")
-run("demo", "demo-p7-9ep", "the preset, 9 epochs", *DEMO, "--epochs", "9")
-run("demo", "demo-p7-noema", "the preset without the EMA", *DEMO, "--ema-decay", "none")
+run("demo", "demo-p7-9ep-tta", "fashion-mnist-demo (patch 7, width 128, 4 layers, EMA, flips, flip TTA, 9 epochs)",
+    *DEMO)
+TEN = [*DEMO, "--epochs", "10"]
+run("demo", "demo-p7-10ep-tta", "the preset, 10 epochs", *TEN)
+run("demo", "demo-p7-drop-path", "10 epochs + stochastic depth 0.1, evaluated each epoch", *TEN, "--drop-path", "0.1",
+    *PER_EPOCH, compare_with="demo-p7-10ep-tta")
+run("demo", "demo-p7-crop1", "10 epochs + pad-and-crop by 1 px, evaluated each epoch", *TEN, "--crop", "pad",
+    "--crop-pad", "1", *PER_EPOCH, compare_with="demo-p7-10ep-tta")
+run("demo", "demo-p7-11ep", "11 epochs without TTA, the written-out attention", *DEMO, "--epochs", "11",
+    "--tta", "none", *PER_EPOCH)
+run("demo", "demo-p7", "the last preset (7 epochs, no TTA, SDPA attention)", *P7_7EP)
+run("demo", "demo-p7-8ep", "the last preset, 8 epochs", *P7_7EP, "--epochs", "8", compare_with="demo-p7")
+run("demo", "demo-p7-9ep", "the last preset, 9 epochs", *P7_7EP, "--epochs", "9", compare_with="demo-p7")
+run("demo", "demo-p7-noema", "the last preset without the EMA", *P7_7EP, "--ema-decay", "none", compare_with="demo-p7")
 BF16 = dict(compare_with="demo", machine="bf16")
-run("demo", "demo", "the last preset (patch 4, width 128, 4 layers, EMA, flips, 8 epochs)", *P4,
+run("demo", "demo", "the patch 4 preset (patch 4, width 128, 4 layers, EMA, flips, 8 epochs)", *P4,
     **BF16)
-run("demo", "demo-crop", "the last preset + pad-and-crop (4 px), stopped after 3 of 8 epochs", *P4, "--crop", "pad",
-    **BF16)
-run("demo", "demo-6ep", "the 6-epoch last preset (no flips)", *SIX, **BF16)
-run("demo", "demo-8ep", "the last preset without flips", *P4, "--no-flip", **BF16)
-run("demo", "demo-ls0", "the last preset without label smoothing", *P4, "--label-smoothing", "0", **BF16)
+run("demo", "demo-crop", "the patch 4 preset + pad-and-crop (4 px), stopped after 3 of 8 epochs", *P4,
+    "--crop", "pad", **BF16)
+run("demo", "demo-6ep", "the 6-epoch patch 4 preset (no flips)", *SIX, **BF16)
+run("demo", "demo-8ep", "the patch 4 preset without flips", *P4, "--no-flip", **BF16)
+run("demo", "demo-ls0", "the patch 4 preset without label smoothing", *P4, "--label-smoothing", "0", **BF16)
 run("demo", "demo-lr2e-3", "6-epoch, lr 2e-3", *SIX, "--lr", "2e-3", **BF16)
 run("demo", "demo-bs32", "6-epoch, batch 32, lr 7e-4", *SIX, "--batch-size", "32", "--lr", "7e-4", **BF16)
-run("demo", "demo-old", "the last round's recipe (patch 7, width 192, 6 layers), 6 epochs", *SIX, *P7,
+run("demo", "demo-old", "the recipe before it (patch 7, width 192, 6 layers), 6 epochs", *SIX, *P7,
     "--ema-decay", "none", **BF16)
-run("demo", "demo-p7-ema", "last round's + EMA 0.999", *SIX, *P7, **BF16)
-run("demo", "demo-p4-patchdrop", "last round's at patch 4 + patch dropout 0.5", *SIX, *P7, "--ema-decay", "none",
-    "--model", "vit-ti/4", "--patch-dropout", "0.5", **BF16)
-run("demo", "demo-sincos-lr2e-3", "last round's + sincos2d + lr 2e-3", *SIX, *P7, "--ema-decay", "none",
+run("demo", "demo-p7-ema", "the recipe before it + EMA 0.999", *SIX, *P7, **BF16)
+run("demo", "demo-p4-patchdrop", "the recipe before it at patch 4 + patch dropout 0.5", *SIX, *P7,
+    "--ema-decay", "none", "--model", "vit-ti/4", "--patch-dropout", "0.5", **BF16)
+run("demo", "demo-sincos-lr2e-3", "the recipe before it + sincos2d + lr 2e-3", *SIX, *P7, "--ema-decay", "none",
     "--posemb", "sincos2d", "--lr", "2e-3", **BF16)
 
 # CIFAR-10 from the training shards, a validation split of 10% cut by key hash (the test split is held back). All ran
@@ -104,7 +119,7 @@ run("cifar10", "cifar10-hybrid-3x3", "a 3x3 stride-1 root, stages (1, 1, 1) at q
 run("cifar10", "cifar10-old", "the last round's documented CIFAR-10 run", *OLD_CIFAR, machine="bf16")
 
 
-BASE = {"demo": "demo-p7", "cifar10": "cifar10-vit-17ep"}  # the run each group's rows compare with
+BASE = {"demo": "demo-p7-9ep-tta", "cifar10": "cifar10-vit-17ep"}  # the run each group's rows compare with
 TARGETS = {"demo": [("aim: 0.90", 0.90)], "cifar10": [("aim, ViT: 0.80", 0.80), ("aim, hybrid: 0.85", 0.85)]}
 
 

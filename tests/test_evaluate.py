@@ -130,6 +130,10 @@ def test_eval_uses_a_run_s_own_tta_unless_told(run, tmp_path, capsys):
         assert ("and their mirror images" in capsys.readouterr().out) == (results[name]["tta"] == "flip")
     assert [results[n]["tta"] for n in results] == ["none", "flip", "none", "flip"]
     assert results["plain"]["loss"] == results["none"]["loss"] != results["flip"]["loss"] == results["run's"]["loss"]
+    (flipped / "train_config.json").write_text(json.dumps(dict(config, tta="mirror")))
+    assert cli.main(["eval", str(flipped), "--data", "fashion-mnist"]) != 0
+    err = capsys.readouterr().err
+    assert "has tta 'mirror', not none or flip" in err and "Traceback" not in err
 
 
 def test_eval_prints_top1_and_top5_and_writes_json(run, tmp_path, capsys):

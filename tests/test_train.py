@@ -418,6 +418,21 @@ def test_the_run_augments_as_its_config_says(tmp_path, monkeypatch, fields, expe
     assert seen[0].policy() is not None
 
 
+def test_a_run_with_tta_flip_reports_and_saves_what_eval_measures_with_it(tmp_path, capsys):
+    """The loop's evaluations use the run's --tta, and `vitlab eval` of the run measures the same by default."""
+    out = tmp_path / "run"
+    result = train(TrainConfig(**dict(TINY, steps=6, tta="flip"), out=str(out)))
+    assert "evaluated with flip test-time augmentation" in capsys.readouterr().out
+    for flags, tta in (([], "flip"), (["--tta", "none"], "none")):
+        assert cli.main(["eval", str(out), "--data", "fashion-mnist", "--json", str(tmp_path / "e.json"), *flags]) == 0
+        record = json.loads((tmp_path / "e.json").read_text())
+        assert record["tta"] == tta
+        if tta == "flip":
+            assert record["top1"] == result["top1"] and record["loss"] == pytest.approx(result["loss"], rel=1e-6)
+        else:
+            assert record["loss"] != pytest.approx(result["loss"], rel=1e-6)
+
+
 def test_compile_by_default_only_where_it_pays():
     model = torch.nn.Linear(2, 2)
     cpu, gpu = Process(0, 1, torch.device("cpu")), Process(0, 1, torch.device("cuda"))

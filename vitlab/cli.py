@@ -219,7 +219,7 @@ def cmd_finetune(args) -> None:
 
 def cmd_eval(args) -> None:
     from . import data
-    from .common import atomic_write_text
+    from .common import CheckpointError, atomic_write_text
     from .evaluate import Classification, read_real_labels
     from .rundir import run_setting
     from .runtime import Predictor, default_device
@@ -242,6 +242,8 @@ def cmd_eval(args) -> None:
             raise ConfigError("--real-labels pairs labels with images by position: not with --bad-images skip")
         real = read_real_labels(args.real_labels, dataset, cfg.num_classes)
     tta = args.tta or run_setting(args.ckpt, "tta", "none")  # a run is evaluated as it evaluated itself
+    if tta not in ("none", "flip"):
+        raise CheckpointError(f"{args.ckpt}: its train_config.json has tta {tta!r}, not none or flip")
     predictor = Predictor(model, args.precision, device, compile=args.compile)  # weights cast once
     evaluator = Classification(dataset, split, batch_size=args.batch_size, device=device,
                                precision=predictor.precision, num_workers=args.num_workers, real=real,

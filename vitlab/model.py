@@ -328,12 +328,13 @@ class Attention(nn.Module):
 def _fused_pays(q: torch.Tensor) -> bool:
     """Whether `scaled_dot_product_attention` beats the written-out product for these queries.
 
-    It does on GPUs, and on CPUs for long sequences; for short ones PyTorch's fused CPU kernel is slower than three
-    plain products, in float32 up to ~128 tokens and in bf16/fp16 (softmax in float32) up to ~256. Forward and
-    backward of one layer's attention (benchmarks/parts_speed.py; 2 cores): in float32 on an AVX2 CPU, 17 tokens
-    (batch 64, 4 heads of 32: the demo) 5.7 ms fused against 3.4 written out, 65 tokens 24.6 against 18.8, 197
-    tokens 50.9 against 71.7; in bf16 on an AVX-512 BF16 CPU, 16 tokens 5.5 against 0.7, 197 tokens 55 against
-    49, 577 tokens 90 against 120. The switches lie between these measurements.
+    It does on GPUs, and on CPUs for long sequences; for short ones PyTorch's fused CPU kernel is the slower one, in
+    float32 up to ~128 tokens and in bf16/fp16 (softmax in float32) up to ~256. Forward and backward of one layer's
+    attention, medians (benchmarks/parts_speed.py; 2 cores): in float32 on an AVX2 CPU, 16 tokens (batch 64, 4
+    heads of 32: the demo) 2.50 ms fused against 2.09 written out, 65 tokens 19.95 against 19.56, 197 tokens 46.3
+    against 55.7; in bf16 on an AVX-512 BF16 CPU, 16 tokens 5.5 against 0.7, 197 tokens 55 against 49, 577 tokens
+    90 against 120. Compiled, the written-out product fuses with its neighbours: the demo's training loop averaged
+    885-1,024 images/s in this round's runs against 756-781 with the fused kernel in the last round's, on the AVX2 CPU.
     """
     if q.device.type != "cpu":
         return True

@@ -38,7 +38,6 @@ METRICS_FILE = "metrics.jsonl"
 FIXED_ON_RESUME = ("batch_size", "optimizer", "seed")
 
 
-
 def run_setting(directory: str | os.PathLike, key: str, default):
     """A training run's setting (its train_config.json's `key`) when `directory` is a run, else `default`."""
     path = Path(directory) / TRAIN_CONFIG_FILE
