@@ -47,9 +47,10 @@ def run(group: str, name: str, label: str, *flags: str, compare_with: str | None
 # below, dashed in the plot); this machine has AVX2 alone, where bf16 is emulated (the last preset but one trained at
 # 21 images/s in bf16 against 303 in fp32) and `--precision auto` trains in fp32, and there patch 7 runs 2.5-2.9x the
 # images/s of patch 4 (benchmarks/step_speed.py). Rows compare with the preset on their own machine and code.
-# The preset (9 epochs, flip TTA, evaluated every second epoch), its 10-epoch run and two changes to that; the 11-epoch
-# run without TTA, which ran with this round's written-out attention before TTA existed; then the last preset (7
-# epochs, PyTorch's fused attention, no TTA) and its 8-epoch, 9-epoch and no-EMA runs. Then the last preset but one
+# The preset (9 epochs, flip TTA, evaluated every second epoch), at batch 32, its 10-epoch run and two changes to
+# that; the 11-epoch run without TTA, which ran with this round's written-out attention before TTA existed; then the
+# last preset (7 epochs, PyTorch's fused attention, no TTA) and its 8-epoch, 9-epoch and no-EMA runs. Then the last
+# preset but one
 # (patch 4, below "the patch 4 preset") and the runs behind it, on the bf16 machine: the recipe before it (patch 7,
 # width 192, 6 layers, no EMA; it ran 11 epochs on a machine twice as fast, there 6), one change at a time. The rows
 # marked "6-epoch" change that preset as it stood before flips and 8 epochs (SIX); they and the patch 7 rows ran
@@ -70,6 +71,7 @@ run("demo", "demo-p7-drop-path", "10 epochs + stochastic depth 0.1, evaluated ea
     *PER_EPOCH, compare_with="demo-p7-10ep-tta")
 run("demo", "demo-p7-crop1", "10 epochs + pad-and-crop by 1 px, evaluated each epoch", *TEN, "--crop", "pad",
     "--crop-pad", "1", *PER_EPOCH, compare_with="demo-p7-10ep-tta")
+run("demo", "demo-p7-bs32", "the preset at batch 32, lr 7e-4", *DEMO, "--batch-size", "32", "--lr", "7e-4")
 run("demo", "demo-p7-11ep", "11 epochs without TTA, the written-out attention", *DEMO, "--epochs", "11",
     "--tta", "none", *PER_EPOCH)
 run("demo", "demo-p7", "the last preset (7 epochs, no TTA, SDPA attention)", *P7_7EP)
