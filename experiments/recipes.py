@@ -55,9 +55,9 @@ def run(group: str, name: str, label: str, *flags: str, compare_with: str | None
 # width 192, 6 layers, no EMA; it ran 11 epochs on a machine twice as fast, there 6), one change at a time. The rows
 # marked "6-epoch" change that preset as it stood before flips and 8 epochs (SIX); they and the patch 7 rows ran
 # before the compiled tanh GELU (vitlab.model.TanhGELU) and the fused AdamW made the step faster. Runs that predate
-# a flag are pinned to what they ran with (--tta none, --eval-every 937: every epoch).
+# a flag are pinned to what they ran with (--tta none, --eval-epochs 1).
 DEMO = ["--preset", "fashion-mnist-demo"]
-PER_EPOCH = ["--eval-every", "937"]  # the runs before the preset evaluated every second epoch
+PER_EPOCH = ["--eval-epochs", "1"]  # the runs before the preset evaluated every second epoch
 P7_7EP = [*DEMO, "--epochs", "7", "--tta", "none", *PER_EPOCH]  # the last preset, before flip TTA and 10 epochs
 LAST = [*DEMO, "--model", "vit-ti/4", "--precision", "bf16", "--tta", "none", *PER_EPOCH]
 P4 = [*LAST, "--epochs", "8"]  # the patch 4 preset, as it ran
@@ -71,7 +71,8 @@ run("demo", "demo-p7-drop-path", "10 epochs + stochastic depth 0.1, evaluated ea
     *PER_EPOCH, compare_with="demo-p7-10ep-tta")
 run("demo", "demo-p7-crop1", "10 epochs + pad-and-crop by 1 px, evaluated each epoch", *TEN, "--crop", "pad",
     "--crop-pad", "1", *PER_EPOCH, compare_with="demo-p7-10ep-tta")
-run("demo", "demo-p7-bs32", "the preset at batch 32, lr 7e-4", *DEMO, "--batch-size", "32", "--lr", "7e-4")
+run("demo", "demo-p7-bs32", "the preset at batch 32, lr 7e-4", *DEMO, "--batch-size", "32", "--lr", "7e-4",
+    "--eval-every", "1874")  # as it ran, before --eval-epochs: every 1,874 steps, an epoch of batch 32 less one step
 run("demo", "demo-p7-11ep", "11 epochs without TTA, the written-out attention", *DEMO, "--epochs", "11",
     "--tta", "none", *PER_EPOCH)
 run("demo", "demo-p7", "the last preset (7 epochs, no TTA, SDPA attention)", *P7_7EP)
@@ -164,6 +165,12 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _images_per_second(rows: list[dict]) -> int | None:
+    """The training loop's speed: the mean of the kept training rows' images/s after step 100 (compiling, warm-up)."""
+    speeds = [r["img_s"] for r in rows if r["split"] == "train" and r["step"] > 100 and "img_s" in r]
+    return round(sum(speeds) / len(speeds)) if speeds else None
+
+
 def report() -> None:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
@@ -177,17 +184,17 @@ def report() -> None:
         results[name] = dict(group=group, label=label, command="vitlab train " + " ".join(flags), machine=MACHINE[name],
                              curve=[(round(r["wall_s"] / 60, 2), r["top1"]) for r in evals if "wall_s" in r],
                              final=evals[-1]["top1"], split=evals[-1]["split"],
-                             minutes=round(rows[-1].get("wall_s", 0) / 60, 1))
+                             minutes=round(rows[-1].get("wall_s", 0) / 60, 1), images_s=_images_per_second(rows))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| run | accuracy | split | vs the preset | wall-clock minutes | CPU | command |",
-             "|---|---:|---|---:|---:|---|---|"]
+    lines = ["| run | accuracy | split | vs the preset | wall-clock minutes | images/s | CPU | command |",
+             "|---|---:|---|---:|---:|---:|---|---|"]
     for name, r in results.items():
         base_name = COMPARED_WITH.get(name, BASE[r["group"]])
         base = results.get(base_name)
         delta = f"{r['final'] - base['final']:+.4f}" if base and name != base_name else ""
         lines.append(f"| {r['label']} | {r['final']:.4f} | {r['split']} | {delta} | {r['minutes']} | "
-                     f"{MACHINES[MACHINE[name]]} | `{r['command']}` |")
+                     f"{r['images_s'] or ''} | {MACHINES[MACHINE[name]]} | `{r['command']}` |")
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     groups = sorted({r["group"] for r in results.values()})
     fig = Figure(figsize=(6 * len(groups), 4.2), layout="constrained")

@@ -418,6 +418,11 @@ def test_the_run_augments_as_its_config_says(tmp_path, monkeypatch, fields, expe
     assert seen[0].policy() is not None
 
 
+def test_eval_epochs_evaluates_every_n_th_epoch_and_at_the_end(tmp_path):
+    train(TrainConfig(**dict(TINY, epochs=5, eval_epochs=2), out=str(tmp_path / "run")))
+    assert [r["epoch"] for r in rows(tmp_path / "run") if r["split"] != "train"] == [2.0, 4.0, 5.0]
+
+
 def test_a_run_with_tta_flip_reports_and_saves_what_eval_measures_with_it(tmp_path, capsys):
     """The loop's evaluations use the run's --tta, and `vitlab eval` of the run measures the same by default."""
     out = tmp_path / "run"

@@ -242,8 +242,8 @@ def cmd_eval(args) -> None:
             raise ConfigError("--real-labels pairs labels with images by position: not with --bad-images skip")
         real = read_real_labels(args.real_labels, dataset, cfg.num_classes)
     tta = args.tta or run_setting(args.ckpt, "tta", "none")  # a run is evaluated as it evaluated itself
-    if tta not in ("none", "flip"):
-        raise CheckpointError(f"{args.ckpt}: its train_config.json has tta {tta!r}, not none or flip")
+    if tta not in TTA_CHOICES:
+        raise CheckpointError(f"{args.ckpt}: its train_config.json has tta {tta!r}, not {' or '.join(TTA_CHOICES)}")
     predictor = Predictor(model, args.precision, device, compile=args.compile)  # weights cast once
     evaluator = Classification(dataset, split, batch_size=args.batch_size, device=device,
                                precision=predictor.precision, num_workers=args.num_workers, real=real,
@@ -467,6 +467,7 @@ class _Help(argparse.HelpFormatter):
 CHECKPOINT_HELP = ("a vitlab checkpoint or run directory, an official .npz (ViT, hybrid or BiT), timm or Hugging Face "
                    "safetensors (a file, or the directory holding it and its config.json), or hf-hub:ORG/NAME")
 PRECISION_HELP = "auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32"
+TTA_CHOICES = literal_choices(get_type_hints(TrainConfig)["tta"])  # what a run may have evaluated with
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -596,7 +597,7 @@ def _add_evaluation(command) -> None:
     p.add_argument("--bad-images", choices=("error", "skip"), default="error",
                    help="an unreadable image stops the evaluation, or is skipped and counted")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=PRECISION_HELP)
-    p.add_argument("--tta", choices=("none", "flip"), default=None,
+    p.add_argument("--tta", choices=TTA_CHOICES, default=None,
                    help="test-time augmentation: flip averages each image's class probabilities with its mirror "
                         "image's (default: a training run's own, else none)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")

@@ -334,7 +334,7 @@ def _fused_pays(q: torch.Tensor) -> bool:
     heads of 32: the demo) 2.50 ms fused against 2.09 written out, 65 tokens 19.95 against 19.56, 197 tokens 46.3
     against 55.7; in bf16 on an AVX-512 BF16 CPU, 16 tokens 5.5 against 0.7, 197 tokens 55 against 49, 577 tokens
     90 against 120. Compiled, the written-out product fuses with its neighbours: the demo's training loop averaged
-    885-1,024 images/s in this round's runs against 756-781 with the fused kernel in the last round's, on the AVX2 CPU.
+    885-1,024 images/s in this round's runs against 756-801 with the fused kernel in the last round's, on the AVX2 CPU.
     """
     if q.device.type != "cpu":
         return True

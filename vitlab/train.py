@@ -182,7 +182,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
                 if (at.step % cfg.log_every == 0 or epoch_end or save_now
                         or (signals.received and not proc.distributed)):
                     stop = metrics.flush(signals.received is not None, out, last_saved)
-                if done or (at.step % cfg.eval_every == 0 if cfg.eval_every else epoch_end):
+                if done or (at.step % cfg.eval_every == 0 if cfg.eval_every
+                            else epoch_end and at.epoch % cfg.eval_epochs == 0):
                     results = run_evaluators(evaluators, run_model, log, at.step, steps_per_epoch, proc)
                     evaluated = at.step
                 if save_now or stop:
