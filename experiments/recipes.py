@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "recipes"
 CIFAR = "wds:../shared/data/cifar10-jpeg/train-000{0..4}.tar"  # relative to ROOT, where the runs start
+NO_LIMIT = ["--time-limit", "none"]  # runs from before the presets had a time limit, as they ran
 
 # name -> (group, label, vitlab train flags)
 RUNS: dict[str, tuple[str, str, list[str]]] = {}
@@ -56,7 +57,7 @@ def run(group: str, name: str, label: str, *flags: str, compare_with: str | None
 # marked "6-epoch" change that preset as it stood before flips and 8 epochs (SIX); they and the patch 7 rows ran
 # before the compiled tanh GELU (vitlab.model.TanhGELU) and the fused AdamW made the step faster. Runs that predate
 # a flag are pinned to what they ran with (--tta none, --eval-epochs 1).
-DEMO = ["--preset", "fashion-mnist-demo"]
+DEMO = ["--preset", "fashion-mnist-demo", *NO_LIMIT]
 PER_EPOCH = ["--eval-epochs", "1"]  # the runs before the preset evaluated every second epoch
 P7_7EP = [*DEMO, "--epochs", "7", "--tta", "none", *PER_EPOCH]  # the last preset, before flip TTA and 10 epochs
 LAST = [*DEMO, "--model", "vit-ti/4", "--precision", "bf16", "--tta", "none", *PER_EPOCH]
@@ -73,6 +74,8 @@ run("demo", "demo-p7-crop1", "10 epochs + pad-and-crop by 1 px, evaluated each e
     "--crop-pad", "1", *PER_EPOCH, compare_with="demo-p7-10ep-tta")
 run("demo", "demo-p7-bs32", "the preset at batch 32, lr 7e-4", *DEMO, "--batch-size", "32", "--lr", "7e-4",
     "--eval-every", "1874")  # as it ran, before --eval-epochs: every 1,874 steps, an epoch of batch 32 less one step
+run("demo", "demo-p7-mlp512", "the preset with MLP 512 (the paper's ratio of 4) and its time limit of 12.5 minutes",
+    "--preset", "fashion-mnist-demo", "--mlp-dim", "512")
 run("demo", "demo-p7-11ep", "11 epochs without TTA, the written-out attention", *DEMO, "--epochs", "11",
     "--tta", "none", *PER_EPOCH)
 run("demo", "demo-p7", "the last preset (7 epochs, no TTA, SDPA attention)", *P7_7EP)
@@ -97,26 +100,30 @@ run("demo", "demo-p4-patchdrop", "the recipe before it at patch 4 + patch dropou
 run("demo", "demo-sincos-lr2e-3", "the recipe before it + sincos2d + lr 2e-3", *SIX, *P7, "--ema-decay", "none",
     "--posemb", "sincos2d", "--lr", "2e-3", **BF16)
 
-# CIFAR-10 from the training shards, a validation split of 10% cut by key hash (the test split is held back). All ran
-# on the AVX-512 BF16 machine, in bf16.
+# CIFAR-10 from the training shards, a validation split of 10% cut by key hash (the test split is held back). The
+# presets' runs up to the last round's ran on the AVX-512 BF16 machine, in bf16, before the presets had a time limit
+# (pinned to --time-limit none; they ended at their epochs, in 53-56 minutes); this round's hybrid run is the preset
+# as it stands, on this round's AVX2 machine in fp32, where its 59-minute limit ends it after ~12 of its 27 epochs.
 CIFAR_COMMON = ["--data", CIFAR, "--val-split", "0.1"]
 OLD_CIFAR = [*CIFAR_COMMON, "--model", "vit-ti/8", "--hidden-size", "128", "--num-layers", "6", "--num-heads", "4",
              "--mlp-dim", "512", "--image-size", "32", "--epochs", "10", "--batch-size", "128", "--lr", "2e-3",
              "--beta2", "0.99", "--weight-decay", "0.05", "--schedule", "cosine", "--precision", "bf16",
              "--num-workers", "1", "--no-compile"]
 run("cifar10", "cifar10-vit-17ep", "cifar10-vit (17 epochs)", "--preset", "cifar10-vit", "--precision", "bf16",
-    "--data", CIFAR, "--epochs", "17", machine="bf16")
+    "--data", CIFAR, *NO_LIMIT, "--epochs", "17", machine="bf16")
 run("cifar10", "cifar10-vit", "cifar10-vit at 15 epochs, before the faster step (TanhGELU, fused AdamW)",
-    "--preset", "cifar10-vit", "--precision", "bf16", "--data", CIFAR, "--epochs", "15", machine="bf16")
+    "--preset", "cifar10-vit", "--precision", "bf16", "--data", CIFAR, *NO_LIMIT, "--epochs", "15", machine="bf16")
 run("cifar10", "cifar10-hybrid", "cifar10-hybrid (R26's root and two stages, ViT of 4 layers on 4x4 cells, 27 epochs)",
-    "--preset", "cifar10-hybrid", "--precision", "bf16", "--data", CIFAR, compare_with="cifar10-hybrid",
+    "--preset", "cifar10-hybrid", "--precision", "bf16", "--data", CIFAR, *NO_LIMIT, compare_with="cifar10-hybrid",
     machine="bf16")
+run("cifar10", "cifar10-hybrid-59min", "cifar10-hybrid as it stands: fp32, ended by its 59-minute limit after 14.5 "
+    "of 27 epochs", "--preset", "cifar10-hybrid", "--data", CIFAR, compare_with="cifar10-hybrid")
 HYBRID_R2 = ["--model", "r26+vit-ti/4", "--resnet-num-layers", "2", "--resnet-width-factor", "0.5", "--num-layers", "6"]
 run("cifar10", "cifar10-hybrid-old", "the last hybrid preset (root, 2 units at half width, 6 layers on 8x8 cells), "
     "11 epochs, before the faster step", "--preset", "cifar10-hybrid", "--precision", "bf16", "--data", CIFAR,
-    *HYBRID_R2, "--epochs", "11", compare_with="cifar10-hybrid", machine="bf16")
+    *NO_LIMIT, *HYBRID_R2, "--epochs", "11", compare_with="cifar10-hybrid", machine="bf16")
 run("cifar10", "cifar10-hybrid-3x3", "a 3x3 stride-1 root, stages (1, 1, 1) at quarter width, 4 layers, 13 epochs",
-    "--preset", "cifar10-hybrid", "--precision", "bf16", "--data", CIFAR, "--model", "r26+vit-ti/4",
+    "--preset", "cifar10-hybrid", "--precision", "bf16", "--data", CIFAR, *NO_LIMIT, "--model", "r26+vit-ti/4",
     "--resnet-root", "3x3", "--resnet-num-layers", "1,1,1", "--resnet-width-factor", "0.25", "--epochs", "13",
     compare_with="cifar10-hybrid", machine="bf16")
 run("cifar10", "cifar10-old", "the last round's documented CIFAR-10 run", *OLD_CIFAR, machine="bf16")

@@ -10,7 +10,7 @@ from tiny import CNN, TINY, _one_line_error, fashion_dir, flags, world  # noqa: 
 from vitlab import cli
 from vitlab.common import ConfigError
 from vitlab.config import FINE_TUNE, PRESETS, TrainConfig, fine_tune, make_config
-from vitlab.train import learning_rate
+from vitlab.schedule import learning_rate
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

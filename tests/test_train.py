@@ -39,13 +39,13 @@ from vitlab import runtime
 from vitlab.common import ConfigError
 from vitlab.config import PRESETS, TrainConfig, fine_tune, make_config
 from vitlab.images import in_train_subset
+from vitlab.schedule import learning_rate
 from vitlab.train import (
     COMPILE_MIN_CPU_STEPS,
     EMA,
     ClassificationObjective,
     Process,
     _compiled,
-    learning_rate,
     make_optimizer,
     train,
     train_step,

@@ -7,10 +7,10 @@ norm 1. Fine-tuning (`vitlab finetune`, vitlab.config.FINE_TUNE) is the same loo
 SGD with momentum 0.9, no weight decay, warm-up then cosine decay, a new zero head (appendix B.1.1). Masked patch
 prediction is the same loop with another objective (vitlab.mpp). The run directory is vitlab.rundir's.
 
-How a run ends (`vitlab train` exit codes): 0 after the last step, with `test accuracy: 0.xxxx` (or `val ...`)
-as the last line printed; 130 / 143 after SIGINT / SIGTERM, once the step in flight is done and saved
-(`--resume DIR` continues it); 1 when the loss is not finite, naming the step, the last checkpoint left as it
-was; 2 for a configuration error, before any work.
+How a run ends (`vitlab train` exit codes): 0 after the last step (with --time-limit, the last the minutes allow:
+vitlab.schedule), with `test accuracy: 0.xxxx` (or `val ...`) as the last line printed; 130 / 143 after SIGINT /
+SIGTERM, once the step in flight is done and saved (`--resume DIR` continues it); 1 when the loss is not finite,
+naming the step, the last checkpoint left as it was; 2 for a configuration error, before any work.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from .rundir import (
     set_rng_state,
 )
 from .runtime import autocast, emulated_bf16, normalize, resolve_precision
+from .schedule import Schedule
 from .transfer import init_from_pretrained
 from .weights import load_model, read_config
 
@@ -113,7 +114,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
                                              batch_mix(cfg.mixup, cfg.cutmix, splits.num_classes)))
 
         # ---- init: scratch (above) | resume (the run's last checkpoint) | pretrained (fine-tuning) -----------
-        at, saved_rng = Position(), None
+        at, saved_rng, saved_schedule = Position(), None, None
         if source is not None:
             message = init_from_pretrained(model, source, cfg.init)  # section 3.2, appendix B.1.1
             if proc.is_main:
@@ -121,7 +122,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             del source
         ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None  # the run's model, when there is one
         if resume and (out / STATE_FILE).exists():
-            at, saved_rng = _resume(out, model, optimizer, ema, cfg, proc)
+            at, saved_rng, saved_schedule = _resume(out, model, optimizer, ema, cfg, proc)
+        schedule = Schedule(cfg, total_steps, cfg.eval_every or cfg.eval_epochs * steps_per_epoch,
+                            time.perf_counter() - started, at.step, saved_schedule)  # a fixed length, or a time limit's
         run_model = model if ema is None else ema.module  # what is evaluated and saved as the run's model
         last_saved = at.step if at.step else None
         seed_all(cfg.seed + 1 + proc.rank)  # each process's own dropout stream (a resume restores its saved one)
@@ -155,7 +158,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
 
         # ---- loop ------------------------------------------------------------------------------------------
         results, evaluated = {}, None  # the last evaluation, made at step `evaluated`
-        while at.step < total_steps:
+        while not schedule.done(at.step):
             loader = data.make_loader(
                 splits.train, local_batch, shuffle=True, seed=cfg.seed, epoch=at.epoch, start_batch=at.batch,
                 num_workers=cfg.num_workers, drop_last=True, rank=proc.rank, world_size=proc.world_size,
@@ -168,26 +171,31 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             for batch, epoch_end in _epoch_batches(loader, steps_per_epoch - at.batch):
                 if batch is None:
                     raise DataError(f"every image of batch {at.batch} of epoch {at.epoch} is unreadable")
-                lr = learning_rate(cfg, at.step, total_steps)
+                lr = schedule.lr(at.step)
                 seed = (cfg.seed * 1_000_003 + at.step) * 4096 + proc.rank  # this step's mixing or corruption
                 stats = train_step(train_net, model, optimizer, objective, *batch, lr, seed, cfg, proc)
                 if ema is not None:
                     ema.update(model)
+                schedule.advance()
                 at = at.next(epoch_end)
                 metrics.add(at.step, lr, stats)
                 fault_point("step", at.step)
-                done = at.step == total_steps
+                done = schedule.done(at.step)
                 save_now = done or (at.step % cfg.save_every == 0 if cfg.save_every else epoch_end)
                 stop = False
                 if (at.step % cfg.log_every == 0 or epoch_end or save_now
                         or (signals.received and not proc.distributed)):
                     stop = metrics.flush(signals.received is not None, out, last_saved)
+                    schedule.replan(at.step, proc.distributed, proc.device)  # with a time limit: the steps left
+                    bar.total = at.step + schedule.steps_left
                 if done or (at.step % cfg.eval_every == 0 if cfg.eval_every
                             else epoch_end and at.epoch % cfg.eval_epochs == 0):
-                    results = run_evaluators(evaluators, run_model, log, at.step, steps_per_epoch, proc)
+                    with schedule.aside(evaluation=True):
+                        results = run_evaluators(evaluators, run_model, log, at.step, steps_per_epoch, proc)
                     evaluated = at.step
                 if save_now or stop:
-                    last_saved = _save(out, model, optimizer, ema, at, cfg, proc)
+                    with schedule.aside():
+                        last_saved = _save(out, model, optimizer, ema, at, schedule, cfg, proc)
                 if stop and not done:
                     signum = signals.received or signal.SIGTERM  # (another process may have received it)
                     raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {at.step}; saved "
@@ -198,15 +206,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             results = run_evaluators(evaluators, run_model, log, at.step, steps_per_epoch, proc)
 
     if proc.is_main:
-        skipped = getattr(splits.train, "skipped", 0)
-        if skipped:
-            print(f"skipped {skipped} unreadable training images")
-        print(f"saved {out}")
-        if evaluators:
-            what = " (masked patch prediction: mean colours of the corrupted patches)" if mpp else ""
-            print(f"{evaluators[0].name} accuracy{what}: {results['top1']:.4f}")
-        else:
-            print("no val or test split to measure accuracy on: pass --val-split FRACTION")
+        _report(out, splits, evaluators, results, mpp)
     return results
 
 
@@ -269,17 +269,6 @@ def train_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimize
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return torch.stack([loss_sum, correct / n, grad_norm.float()])
-
-
-def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
-    """The learning rate of step `step` (0-based): linear warm-up to cfg.lr, then linear or cosine decay to 0."""
-    warmup = min(cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total_steps, total_steps)
-    if step < warmup:
-        return cfg.lr * min(1.0, (step + 1) / warmup)
-    progress = (step - warmup) / max(1.0, total_steps - warmup)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr * (1.0 - progress)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -434,7 +423,7 @@ def run_evaluators(evaluators: list, net: nn.Module, log: RunLog | None, step: i
 
 
 def _save(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, at: Position,
-          cfg: TrainConfig, proc: "Process") -> int:
+          schedule: Schedule, cfg: TrainConfig, proc: "Process") -> int:
     """Save the run's model and the training state of this step (process 0, with every process's RNG state; with
     an EMA, the EMA is the run's model and the trained weights go into the training state)."""
     rngs = [rng_state()]
@@ -443,7 +432,7 @@ def _save(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EM
         dist.all_gather_object(rngs, rng_state())
     if proc.is_main:
         state = dict(step=at.step, epoch=at.epoch, batch=at.batch, rng=rngs, optimizer=optimizer.state_dict(),
-                     config={k: getattr(cfg, k) for k in FIXED_ON_RESUME})
+                     config={k: getattr(cfg, k) for k in FIXED_ON_RESUME}, schedule=schedule.state())
         if ema is not None:
             state.update(model=model.state_dict(), ema_updates=ema.updates)
         save_run(out, model if ema is None else ema.module, state)
@@ -451,10 +440,10 @@ def _save(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EM
 
 
 def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, cfg: TrainConfig,
-            proc: "Process") -> tuple[Position, dict | None]:
-    """The run's last checkpoint loaded into the model, its EMA and the optimizer: where it stood, and this
-    process's RNG state to restore before the first step (None when the run was saved by another number of
-    processes)."""
+            proc: "Process") -> tuple[Position, dict | None, dict | None]:
+    """The run's last checkpoint loaded into the model, its EMA and the optimizer: where it stood, this process's
+    RNG state to restore before the first step (None when the run was saved by another number of processes), and
+    its schedule's state (Schedule.state; None from a run saved before there was one)."""
     state = load_run(out, model, optimizer, ema.module if ema is not None else None)
     for name in FIXED_ON_RESUME:
         if state["config"].get(name) != getattr(cfg, name):
@@ -462,11 +451,15 @@ def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: 
                               f"{getattr(cfg, name)})")
     if ema is not None:
         ema.updates = state["ema_updates"]
+    at, schedule = Position(state["step"], state["epoch"], state["batch"]), state.get("schedule")
+    if schedule is not None and not (isinstance(schedule, dict) and all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in schedule.values())):
+        raise CheckpointError(f"{out / STATE_FILE}: its schedule state is not numbers ({schedule!r:.60})")
     if len(state["rng"]) == proc.world_size:
-        return Position(state["step"], state["epoch"], state["batch"]), state["rng"][proc.rank]
+        return at, state["rng"][proc.rank], schedule
     if proc.is_main:
         print(f"resuming on {proc.world_size} processes a run saved on {len(state['rng'])}: new random streams")
-    return Position(state["step"], state["epoch"], state["batch"]), None
+    return at, None, schedule
 
 
 # Below this many steps a CPU run does not earn back torch.compile's 30-60 s of compiling (measured here: +18% per
@@ -526,6 +519,19 @@ def _run_directory(cfg: TrainConfig, resume: bool, proc: "Process") -> tuple[Tra
     return cfg, out
 
 
+def _report(out: Path, splits, evaluators: list, results: dict[str, float], mpp: bool) -> None:
+    """The lines a run ends with, the last one its accuracy."""
+    skipped = getattr(splits.train, "skipped", 0)
+    if skipped:
+        print(f"skipped {skipped} unreadable training images")
+    print(f"saved {out}")
+    if evaluators:
+        what = " (masked patch prediction: mean colours of the corrupted patches)" if mpp else ""
+        print(f"{evaluators[0].name} accuracy{what}: {results['top1']:.4f}")
+    else:
+        print("no val or test split to measure accuracy on: pass --val-split FRACTION")
+
+
 def _describe(out: Path, cfg: TrainConfig, model: nn.Module, splits, total_steps: int, proc: "Process",
               precision: str, compiled: bool, step: int) -> str:
     """The line a run starts with: the model, the data, the steps, the processes."""
@@ -541,9 +547,10 @@ def _describe(out: Path, cfg: TrainConfig, model: nn.Module, splits, total_steps
     how = precision + (", compiled" if compiled else "")
     if emulated_bf16(precision, proc.device):
         how += " (bf16 emulated: this CPU has no bf16 instructions, and fp32 is many times faster: --precision auto)"
+    limit = f" at most, as many as {cfg.time_limit:g} minutes allow" if cfg.time_limit else ""
     return (f"{out}: {m.name or 'ViT'} ({sum(p.numel() for p in model.parameters()):,} parameters{what}); "
             f"{cfg.data}: {splits.train_size} training images, {splits.num_classes} classes; {total_steps} steps of "
-            f"{cfg.batch_size} images; {proc.world_size} process{'es' if proc.distributed else ''} on "
+            f"{cfg.batch_size} images{limit}; {proc.world_size} process{'es' if proc.distributed else ''} on "
             f"{proc.device.type}, {how}" + ("; evaluated with flip test-time augmentation" if cfg.tta == "flip" else "")
             + (f"; resuming at step {step}" if step else ""))
 
