@@ -76,6 +76,8 @@ run("demo", "demo-p7-bs32", "the preset at batch 32, lr 7e-4", *DEMO, "--batch-s
     "--eval-every", "1874")  # as it ran, before --eval-epochs: every 1,874 steps, an epoch of batch 32 less one step
 run("demo", "demo-p7-mlp512", "the preset with MLP 512 (the paper's ratio of 4) and its time limit of 12.5 minutes",
     "--preset", "fashion-mnist-demo", "--mlp-dim", "512")
+run("demo", "demo-p7-l6", "the preset with 6 layers and its time limit of 12.5 minutes", "--preset",
+    "fashion-mnist-demo", "--num-layers", "6")
 run("demo", "demo-p7-11ep", "11 epochs without TTA, the written-out attention", *DEMO, "--epochs", "11",
     "--tta", "none", *PER_EPOCH)
 run("demo", "demo-p7", "the last preset (7 epochs, no TTA, SDPA attention)", *P7_7EP)

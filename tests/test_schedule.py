@@ -115,7 +115,8 @@ def one_second_steps(clock, monkeypatch):
     return control
 
 
-def test_a_run_with_a_time_limit_ends_when_it_is_up_and_resumes_with_the_time_it_used(tmp_path, one_second_steps):
+def test_a_run_with_a_time_limit_ends_when_it_is_up_and_resumes_with_the_time_it_used(tmp_path, one_second_steps,
+                                                                                      capsys):
     """A minute of one-second steps (and the real seconds of loading the data and the model): the run ends after
     ~57 steps of its 320, not at its cap, its learning rate decayed to ~0, its last evaluation at its last step.
     Stopped after step 30 and resumed, it counts the time it used before: it too ends when the minute is up."""
@@ -128,6 +129,8 @@ def test_a_run_with_a_time_limit_ends_when_it_is_up_and_resumes_with_the_time_it
     assert 50 <= steps[-1]["step"] <= 59 and 57 <= time_used(whole) <= 60
     assert steps[-1]["lr"] < 0.01 * TIMED["lr"]
     assert [r["step"] for r in rows(whole) if r["split"] == "test"][-1] == steps[-1]["step"]
+    assert (f"the time limit (1 min) ended the run after {steps[-1]['step']} of at most 320 steps"
+            in capsys.readouterr().out)
 
     one_second_steps["stop_after"] = 30
     stopped = tmp_path / "stopped"

@@ -206,7 +206,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             results = run_evaluators(evaluators, run_model, log, at.step, steps_per_epoch, proc)
 
     if proc.is_main:
-        _report(out, splits, evaluators, results, mpp)
+        _report(out, cfg, splits, evaluators, results, at.step, total_steps)
     return results
 
 
@@ -519,14 +519,18 @@ def _run_directory(cfg: TrainConfig, resume: bool, proc: "Process") -> tuple[Tra
     return cfg, out
 
 
-def _report(out: Path, splits, evaluators: list, results: dict[str, float], mpp: bool) -> None:
+def _report(out: Path, cfg: TrainConfig, splits, evaluators: list, results: dict[str, float], step: int,
+            total_steps: int) -> None:
     """The lines a run ends with, the last one its accuracy."""
     skipped = getattr(splits.train, "skipped", 0)
     if skipped:
         print(f"skipped {skipped} unreadable training images")
+    if cfg.time_limit and step < total_steps:
+        print(f"the time limit ({cfg.time_limit:g} min) ended the run after {step} of at most {total_steps} "
+              f"steps ({step / (splits.train_size // cfg.batch_size):.1f} epochs)")
     print(f"saved {out}")
     if evaluators:
-        what = " (masked patch prediction: mean colours of the corrupted patches)" if mpp else ""
+        what = " (masked patch prediction: mean colours of the corrupted patches)" if cfg.objective == "mpp" else ""
         print(f"{evaluators[0].name} accuracy{what}: {results['top1']:.4f}")
     else:
         print("no val or test split to measure accuracy on: pass --val-split FRACTION")
