@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import types
 
 import pytest
 import torch
-from tiny import TINY, fashion_dir, rows, world  # noqa: F401 (fixtures)
+from tiny import TINY, fashion_dir, flags, rows, subprocess_env, world  # noqa: F401 (fixtures)
 
 from vitlab import schedule as schedule_module
 from vitlab import train as train_module
@@ -152,3 +154,21 @@ def test_a_training_state_whose_schedule_is_not_numbers_is_refused_naming_the_fi
     torch.save(dict(state, schedule=dict(time_used="soon")), out / STATE_FILE)
     with pytest.raises(CheckpointError, match="schedule state is not numbers"):
         train(TrainConfig(**dict(TINY, steps=6), out=str(out)), resume=True)
+
+
+@pytest.mark.slow
+def test_torchrun_processes_take_process_0s_estimate_and_end_together(tmp_path):
+    """Under torchrun every process takes process 0's estimate of the steps left: were they to disagree, one would
+    leave the loop while the other waited in a collective, and the run would hang. A 15-second limit ends the run
+    long before its cap of 20,000 steps, its learning rate decayed."""
+    out = tmp_path / "ddp"
+    fields = dict(TINY, warmup=0.1, epochs=1250, time_limit=0.25, compile=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+         "-m", "vitlab", "train", *flags(fields), "--out", str(out)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes on cpu" in result.stdout and "the time limit (0.25 min) ended the run after" in result.stdout
+    steps = [r for r in rows(out) if r["split"] == "train"]
+    assert steps[-1]["step"] < 20_000 and steps[-1]["lr"] < 0.05 * TINY["lr"]
