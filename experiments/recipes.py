@@ -105,7 +105,7 @@ run("demo", "demo-sincos-lr2e-3", "the recipe before it + sincos2d + lr 2e-3", *
 # CIFAR-10 from the training shards, a validation split of 10% cut by key hash (the test split is held back). The
 # presets' runs up to the last round's ran on the AVX-512 BF16 machine, in bf16, before the presets had a time limit
 # (pinned to --time-limit none; they ended at their epochs, in 53-56 minutes); this round's hybrid run is the preset
-# as it stands, on this round's AVX2 machine in fp32, where its 59-minute limit ends it after ~12 of its 27 epochs.
+# as it stands, on this round's AVX2 machine in fp32, where its 59-minute limit ended it after 14.5 of its 27 epochs.
 CIFAR_COMMON = ["--data", CIFAR, "--val-split", "0.1"]
 OLD_CIFAR = [*CIFAR_COMMON, "--model", "vit-ti/8", "--hidden-size", "128", "--num-layers", "6", "--num-heads", "4",
              "--mlp-dim", "512", "--image-size", "32", "--epochs", "10", "--batch-size", "128", "--lr", "2e-3",

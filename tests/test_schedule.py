@@ -42,14 +42,14 @@ def test_learning_rate_by_progress_is_learning_rate_by_step():
 def drive(clock, schedule: Schedule, step_seconds, eval_seconds: float, steps_per_eval: int) -> list[float]:
     """Run `schedule` as the training loop does, each step taking step_seconds(step); the learning rates."""
     lrs, step = [], 0
-    while not schedule.done(step):
+    while not schedule.done:
         lrs.append(schedule.lr(step))
         clock[0] += step_seconds(step)
         schedule.advance()
         step += 1
         if step % 10 == 0:
             schedule.replan(step, False, CPU)
-        if step % steps_per_eval == 0 or schedule.done(step):
+        if step % steps_per_eval == 0 or schedule.done:
             with schedule.aside(evaluation=True):
                 clock[0] += eval_seconds
     return lrs
@@ -83,7 +83,7 @@ def test_without_a_time_limit_the_schedule_is_learning_rate_over_the_steps():
     cfg = TrainConfig(**dict(TINY, warmup=5, lr=1.0))
     schedule = Schedule(cfg, 40, steps_per_eval=16)
     lrs = []
-    while not schedule.done(len(lrs)):
+    while not schedule.done:
         lrs.append(schedule.lr(len(lrs)))
         schedule.advance()
         schedule.replan(len(lrs), False, CPU)  # nothing to fit

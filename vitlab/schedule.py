@@ -51,8 +51,8 @@ def _decayed(cfg: TrainConfig, progress: float) -> float:
 
 
 class Schedule:
-    """Where a run is in its schedule: `lr(step)` for the next step, `advance()` after it, `done(step)` when the run
-    is over. Without a time limit it is `learning_rate` over `total_steps`; with one (or resumed from a run that had
+    """Where a run is in its schedule: `lr(step)` for the next step, `advance()` after it, `done` when the run is
+    over. Without a time limit it is `learning_rate` over `total_steps`; with one (or resumed from a run that had
     one), `replan` fits the steps left to the time left.
 
     `steps_per_eval` is how often the run evaluates, `elapsed` the seconds this process has spent on the run so far
@@ -84,8 +84,9 @@ class Schedule:
             self.progress = 1.0 if self.steps_left == 1 else self.progress + (1.0 - self.progress) / self.steps_left
         self.steps_left -= 1
 
-    def done(self, step: int) -> bool:
-        return self.steps_left <= 0 or step >= self.cap
+    @property
+    def done(self) -> bool:
+        return self.steps_left <= 0
 
     @contextlib.contextmanager
     def aside(self, evaluation: bool = False):
@@ -116,10 +117,11 @@ class Schedule:
         left = self.limit * (1.0 - MARGIN) - (now - self.origin)
         evaluations = 1 + (step % self.steps_per_eval == 0)
         n = (left - evaluations * self.eval_time) / (self.step_time + self.eval_time / self.steps_per_eval)
-        n = torch.tensor([float(min(max(n, 1.0), self.cap - step))], device=device)
+        self.steps_left = int(min(max(n, 1.0), self.cap - step))
         if distributed:
-            dist.broadcast(n, src=0)
-        self.steps_left = int(n.item())
+            steps_left = torch.tensor([self.steps_left], device=device)
+            dist.broadcast(steps_left, src=0)
+            self.steps_left = int(steps_left.item())
 
     def state(self) -> dict:
         """What a resumed run needs to go on: the time used, and for a timed run how far it is."""

@@ -158,7 +158,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
 
         # ---- loop ------------------------------------------------------------------------------------------
         results, evaluated = {}, None  # the last evaluation, made at step `evaluated`
-        while not schedule.done(at.step):
+        while not schedule.done:
             loader = data.make_loader(
                 splits.train, local_batch, shuffle=True, seed=cfg.seed, epoch=at.epoch, start_batch=at.batch,
                 num_workers=cfg.num_workers, drop_last=True, rank=proc.rank, world_size=proc.world_size,
@@ -180,7 +180,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
                 at = at.next(epoch_end)
                 metrics.add(at.step, lr, stats)
                 fault_point("step", at.step)
-                done = schedule.done(at.step)
+                done = schedule.done
                 save_now = done or (at.step % cfg.save_every == 0 if cfg.save_every else epoch_end)
                 stop = False
                 if (at.step % cfg.log_every == 0 or epoch_end or save_now
