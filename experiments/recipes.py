@@ -48,42 +48,52 @@ def run(group: str, name: str, label: str, *flags: str, compare_with: str | None
 # below, dashed in the plot); this machine has AVX2 alone, where bf16 is emulated (the last preset but one trained at
 # 21 images/s in bf16 against 303 in fp32) and `--precision auto` trains in fp32, and there patch 7 runs 2.5-2.9x the
 # images/s of patch 4 (benchmarks/step_speed.py). Rows compare with the preset on their own machine and code.
-# The preset (9 epochs, flip TTA, evaluated every second epoch), at batch 32, its 10-epoch run and two changes to
-# that; the 11-epoch run without TTA, which ran with this round's written-out attention before TTA existed; then the
-# last preset (7 epochs, PyTorch's fused attention, no TTA) and its 8-epoch, 9-epoch and no-EMA runs. Then the last
-# preset but one
-# (patch 4, below "the patch 4 preset") and the runs behind it, on the bf16 machine: the recipe before it (patch 7,
+# The preset (the mimetic attention init, 14 epochs within 12.5 minutes) from a fresh clone; the same and the last
+# preset + the mimetic init (9 epochs), both run by a scratch wrapper that applied the same formula
+# (vitlab.model.mimetic_init_) before the flag existed. Then the last preset (9 epochs, flip TTA, evaluated every
+# second epoch), at batch 32, its 10-epoch run and two changes to that, MLP 512 and 6 layers; the 11-epoch run
+# without TTA, which ran with the written-out attention before TTA existed; then the preset before it (7 epochs,
+# PyTorch's fused attention, no TTA) and its 8-epoch, 9-epoch and no-EMA runs. Then the patch 4 preset
+# (below "the patch 4 preset") and the runs behind it, on the bf16 machine: the recipe before it (patch 7,
 # width 192, 6 layers, no EMA; it ran 11 epochs on a machine twice as fast, there 6), one change at a time. The rows
 # marked "6-epoch" change that preset as it stood before flips and 8 epochs (SIX); they and the patch 7 rows ran
 # before the compiled tanh GELU (vitlab.model.TanhGELU) and the fused AdamW made the step faster. Runs that predate
 # a flag are pinned to what they ran with (--tta none, --eval-epochs 1).
-DEMO = ["--preset", "fashion-mnist-demo", *NO_LIMIT]
+OFFICIAL_9EP = ["--attention-init", "official", "--epochs", "9"]  # the preset before the mimetic initialisation
+DEMO = ["--preset", "fashion-mnist-demo", *NO_LIMIT, *OFFICIAL_9EP]
 PER_EPOCH = ["--eval-epochs", "1"]  # the runs before the preset evaluated every second epoch
 P7_7EP = [*DEMO, "--epochs", "7", "--tta", "none", *PER_EPOCH]  # the last preset, before flip TTA and 10 epochs
 LAST = [*DEMO, "--model", "vit-ti/4", "--precision", "bf16", "--tta", "none", *PER_EPOCH]
 P4 = [*LAST, "--epochs", "8"]  # the patch 4 preset, as it ran
 SIX = [*LAST, "--epochs", "6", "--no-flip"]
 P7 = ["--model", "vit-ti/7", "--hidden-size", "192", "--num-layers", "6", "--num-heads", "3", "--mlp-dim", "768"]
-run("demo", "demo-p7-9ep-tta", "fashion-mnist-demo (patch 7, width 128, 4 layers, EMA, flips, flip TTA, 9 epochs)",
-    *DEMO)
+run("demo", "demo-mimetic", "fashion-mnist-demo (patch 7, width 128, 4 layers, mimetic attention init, EMA, flips, "
+    "flip TTA, 14 epochs, 12.5-minute limit): `make demo` from a fresh clone", "--preset", "fashion-mnist-demo")
+run("demo", "demo-mimetic-14ep", "the preset, run by a scratch wrapper applying the same formula before the flag "
+    "existed", "--preset", "fashion-mnist-demo", compare_with="demo-mimetic")
+run("demo", "demo-mimetic-9ep", "the last preset (9 epochs) + the mimetic attention init, by the scratch wrapper",
+    *DEMO, "--attention-init", "mimetic", compare_with="demo-p7-9ep-tta")
+run("demo", "demo-p7-9ep-tta", "the last preset (the official attention init, 9 epochs)", *DEMO)
 TEN = [*DEMO, "--epochs", "10"]
-run("demo", "demo-p7-10ep-tta", "the preset, 10 epochs", *TEN)
+LAST9 = dict(compare_with="demo-p7-9ep-tta")  # rows of the last preset compare with it
+run("demo", "demo-p7-10ep-tta", "the last preset, 10 epochs", *TEN, **LAST9)
 run("demo", "demo-p7-drop-path", "10 epochs + stochastic depth 0.1, evaluated each epoch", *TEN, "--drop-path", "0.1",
     *PER_EPOCH, compare_with="demo-p7-10ep-tta")
 run("demo", "demo-p7-crop1", "10 epochs + pad-and-crop by 1 px, evaluated each epoch", *TEN, "--crop", "pad",
     "--crop-pad", "1", *PER_EPOCH, compare_with="demo-p7-10ep-tta")
-run("demo", "demo-p7-bs32", "the preset at batch 32, lr 7e-4", *DEMO, "--batch-size", "32", "--lr", "7e-4",
-    "--eval-every", "1874")  # as it ran, before --eval-epochs: every 1,874 steps, an epoch of batch 32 less one step
-run("demo", "demo-p7-mlp512", "the preset with MLP 512 (the paper's ratio of 4) and its time limit of 12.5 minutes",
-    "--preset", "fashion-mnist-demo", "--mlp-dim", "512")
-run("demo", "demo-p7-l6", "the preset with 6 layers and its time limit of 12.5 minutes", "--preset",
-    "fashion-mnist-demo", "--num-layers", "6")
+run("demo", "demo-p7-bs32", "the last preset at batch 32, lr 7e-4", *DEMO, "--batch-size", "32", "--lr", "7e-4",
+    "--eval-every", "1874", **LAST9)  # as it ran, before --eval-epochs: every 1,874 steps, an epoch of batch 32 less 1
+run("demo", "demo-p7-mlp512", "the last preset with MLP 512 (the paper's ratio of 4) and its time limit of 12.5 "
+    "minutes", "--preset", "fashion-mnist-demo", *OFFICIAL_9EP, "--mlp-dim", "512", compare_with="demo-p7-9ep-tta")
+run("demo", "demo-p7-l6", "the last preset with 6 layers and its time limit of 12.5 minutes", "--preset",
+    "fashion-mnist-demo", *OFFICIAL_9EP, "--num-layers", "6", compare_with="demo-p7-9ep-tta")
 run("demo", "demo-p7-11ep", "11 epochs without TTA, the written-out attention", *DEMO, "--epochs", "11",
-    "--tta", "none", *PER_EPOCH)
-run("demo", "demo-p7", "the last preset (7 epochs, no TTA, SDPA attention)", *P7_7EP)
-run("demo", "demo-p7-8ep", "the last preset, 8 epochs", *P7_7EP, "--epochs", "8", compare_with="demo-p7")
-run("demo", "demo-p7-9ep", "the last preset, 9 epochs", *P7_7EP, "--epochs", "9", compare_with="demo-p7")
-run("demo", "demo-p7-noema", "the last preset without the EMA", *P7_7EP, "--ema-decay", "none", compare_with="demo-p7")
+    "--tta", "none", *PER_EPOCH, **LAST9)
+run("demo", "demo-p7", "the preset before it (7 epochs, no TTA, SDPA attention)", *P7_7EP, **LAST9)
+run("demo", "demo-p7-8ep", "the preset before it, 8 epochs", *P7_7EP, "--epochs", "8", compare_with="demo-p7")
+run("demo", "demo-p7-9ep", "the preset before it, 9 epochs", *P7_7EP, "--epochs", "9", compare_with="demo-p7")
+run("demo", "demo-p7-noema", "the preset before it without the EMA", *P7_7EP, "--ema-decay", "none",
+    compare_with="demo-p7")
 BF16 = dict(compare_with="demo", machine="bf16")
 run("demo", "demo", "the patch 4 preset (patch 4, width 128, 4 layers, EMA, flips, 8 epochs)", *P4,
     **BF16)
@@ -131,7 +141,7 @@ run("cifar10", "cifar10-hybrid-3x3", "a 3x3 stride-1 root, stages (1, 1, 1) at q
 run("cifar10", "cifar10-old", "the last round's documented CIFAR-10 run", *OLD_CIFAR, machine="bf16")
 
 
-BASE = {"demo": "demo-p7-9ep-tta", "cifar10": "cifar10-vit-17ep"}  # the run each group's rows compare with
+BASE = {"demo": "demo-mimetic", "cifar10": "cifar10-vit-17ep"}  # the run each group's rows compare with
 TARGETS = {"demo": [("aim: 0.90", 0.90)], "cifar10": [("aim, ViT: 0.80", 0.80), ("aim, hybrid: 0.85", 0.85)]}
 
 

@@ -98,9 +98,10 @@ def test_finetune_flags_that_conflict_are_one_line_errors(tmp_path, capsys):
 
 def test_the_recipe_flags_are_fields_that_reach_the_model():
     cfg = make_config(("command line", dict(TINY, drop_path="0.1", posemb="sincos2d", ema_decay="0.999",
-                                            trivialaugment="true", layer_decay="0.75", eval_data="wds:/d/t-{0..1}.tar")))
-    assert (cfg.drop_path, cfg.posemb, cfg.ema_decay, cfg.trivialaugment, cfg.layer_decay) == (
-        0.1, "sincos2d", 0.999, True, 0.75)
+                                            trivialaugment="true", layer_decay="0.75", eval_data="wds:/d/t-{0..1}.tar",
+                                            attention_init="mimetic")))
+    assert (cfg.drop_path, cfg.posemb, cfg.ema_decay, cfg.trivialaugment, cfg.layer_decay, cfg.attention_init) == (
+        0.1, "sincos2d", 0.999, True, 0.75, "mimetic")
     model_cfg = cfg.model_config(num_classes=10)
     assert model_cfg.stochastic_depth == 0.1 and model_cfg.posemb == "sincos2d"
     assert make_config(("flags", dict(TINY, autoaugment="cifar10"))).autoaugment == "cifar10"
@@ -118,6 +119,11 @@ def test_the_recipe_flags_are_fields_that_reach_the_model():
           drop_path=0.1), "drop_path does not apply to the BiT ResNet"),
     (dict(model=None, hidden_size=None, num_layers=None, num_heads=None, mlp_dim=None, init="x.npz",
           posemb="sincos2d"), "posemb cannot be set with init"),
+    (dict(attention_init="xavier"), "attention_init must be 'official' or 'mimetic'"),
+    (dict(model=None, hidden_size=None, num_layers=None, num_heads=None, mlp_dim=None, init="x.npz",
+          attention_init="mimetic"), "attention_init mimetic initialises a model trained from scratch; with init"),
+    (dict(model="bit-r26x1", hidden_size=None, num_layers=None, num_heads=None, mlp_dim=None, image_size=32,
+          attention_init="mimetic"), "attention_init mimetic initialises attention layers; bit-r26x1 has none"),
 ])
 def test_recipe_flag_errors_name_the_field(fields, message):
     with pytest.raises(ConfigError) as error:

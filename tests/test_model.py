@@ -17,6 +17,7 @@ from vitlab.model import (
     ViTConfig,
     create_model,
     forward_flops,
+    mimetic_init_,
     model_table,
     num_params,
     posemb_sincos_2d,
@@ -415,6 +416,37 @@ def test_sincos2d_model_has_fixed_embeddings_at_any_resolution():
     assert torch.equal(model.pos_embed, posemb_sincos_2d((4, 4), 32))
     with pytest.raises(ConfigError, match="divisible by 4"):
         tiny(posemb="sincos2d", hidden_size=30, num_heads=3)
+
+
+def test_mimetic_init_sets_the_attention_products_to_the_closed_form():
+    D, heads, h = 64, 4, 16
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny(hidden_size=D, num_heads=heads, mlp_dim=128, num_layers=3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mimetic_init_(model)
+    bound = math.sqrt(3 / D)  # Z is uniform in [-bound, bound]: variance 1/D
+    for block in model.blocks:
+        w = block.attn.qkv.weight
+        noise = (block.attn.proj.weight @ w[2 * D:] + 0.4 * torch.eye(D)) / 0.4  # W_o W_v = 0.4 Z - 0.4 I
+        assert noise.abs().max().item() <= bound + 1e-5 and noise.std().item() * D**0.5 == pytest.approx(1, abs=0.05)
+        for head in range(heads):
+            q, k = w[head * h:(head + 1) * h], w[D + head * h:D + (head + 1) * h]
+            s = torch.linalg.svdvals(q.T @ k)  # W_q^T W_k: the top h of 0.7 Z + 0.7 I's singular values
+            assert s[h:].max().item() < 1e-5 and s[:h].min().item() > 0.7  # rank h, above the identity's 0.7
+            assert (q * k).sum().item() > 0.7 * h  # trace(W_q^T W_k): near +identity, not a random 0
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"blocks.{i}.attn.{p}.weight" for i in range(3) for p in ("qkv", "proj")}
+
+    # what it is for: at initialisation each token attends to itself far more than to the others
+    x = torch.randn(8, 3, 16, 16)
+    for init, low, high in (("official", 0.0, 0.1), ("mimetic", 0.3, 1.0)):
+        torch.manual_seed(0)
+        model = VisionTransformer(tiny(hidden_size=D, num_heads=heads, mlp_dim=128, classifier="gap")).eval()
+        if init == "mimetic":
+            mimetic_init_(model)
+        with torch.no_grad():
+            maps = model(x, return_attention=[0])[1][0]  # (B, heads, 16, 16): 1/16 = 0.0625 if uniform
+        assert low < maps.diagonal(dim1=-2, dim2=-1).mean().item() < high, init
 
 
 def test_patch_dropout_keeps_a_random_share_of_each_images_patches_in_training_only():

@@ -331,7 +331,8 @@ def test_ema_equals_the_closed_form_after_k_steps():
 
 # The options of the recipes, all random where they can be: a resumed run must still end bit for bit.
 RECIPE = dict(TINY, epochs=3, drop_path=0.2, ema_decay=0.9, posemb="sincos2d", classifier="gap", crop="pad",
-              flip=True, trivialaugment=True, label_smoothing=0.1, deterministic=True, save_every=8)
+              flip=True, trivialaugment=True, label_smoothing=0.1, attention_init="mimetic", deterministic=True,
+              save_every=8)
 
 
 @pytest.mark.slow

@@ -546,6 +546,38 @@ class VisionTransformer(nn.Module):
         return self.mpp_head(tokens[:, self.cfg.num_prefix_tokens:])  # (B, N, K)
 
 
+@torch.no_grad()
+def mimetic_init_(model: VisionTransformer, qk: tuple[float, float] = (0.7, 0.7),
+                  vo: tuple[float, float] = (0.4, 0.4)) -> None:
+    """Mimetic initialisation of the self-attention layers (Trockman and Kolter 2023, "Mimetic Initialization of
+    Self-Attention Layers", section 3), in place, from torch's global generator: in every layer each head's
+    W_q^T W_k is the best rank-(D/heads) approximation of a1 Z + b1 I, and W_o W_v = a2 Z' - b2 I, with Z and Z'
+    uniform of variance 1/D, drawn anew for each head and layer; (a1, b1) = `qk` and (a2, b2) = `vo` are the
+    paper's values for ViTs. Pre-trained ViTs have these products near +identity and -identity; starting there, a
+    token first attends to the tokens like it (itself and, through the position embeddings, its neighbours),
+    which a ViT trained from scratch on a small dataset otherwise takes long to learn. The biases stay 0."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            D, h = module.qkv.in_features, module.head_dim
+            w = module.qkv.weight  # rows: q, k, v; each head's h rows in order (the view in Attention.forward)
+            for head in range(module.num_heads):
+                left, right = _factors(D, *qk, sign=1.0)  # left @ right = a1 Z + b1 I
+                w[head * h:(head + 1) * h] = left[:, :h].T  # W_q^T W_k = left[:, :h] @ right[:h], the top h
+                w[D + head * h:D + (head + 1) * h] = right[:h]
+            left, right = _factors(D, *vo, sign=-1.0)
+            w[2 * D:] = right  # W_v
+            module.proj.weight.copy_(left)  # W_o: W_o W_v = a2 Z' - b2 I
+
+
+def _factors(D: int, alpha: float, beta: float, sign: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """U sqrt(S) and sqrt(S) V^T of the SVD of A = alpha Z + sign beta I (Z uniform, variance 1/D): two D x D
+    factors whose product is A, and whose first k columns and rows make its best rank-k approximation."""
+    bound = (3.0 / D) ** 0.5
+    A = alpha * torch.empty(D, D).uniform_(-bound, bound) + sign * beta * torch.eye(D)
+    u, s, vh = torch.linalg.svd(A)
+    return u * s.sqrt(), s.sqrt()[:, None] * vh
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Size and cost, computed from the config alone (no weights allocated).
 # --------------------------------------------------------------------------------------------------------------

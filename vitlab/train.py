@@ -39,7 +39,7 @@ from .common import CheckpointError, ConfigError, DataError, atomic_write_text
 from .config import TrainConfig
 from .evaluate import Classification
 from .images import TrainAug, batch_mix
-from .model import build_model, forward_flops
+from .model import build_model, forward_flops, mimetic_init_
 from .mpp import MaskedPatchObjective, MaskedPatchPrediction
 from .resnet import ResNetConfig
 from .rundir import (
@@ -107,6 +107,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
         model_cfg = cfg.model_config(splits.num_classes, splits.class_names, source=source_cfg)
         seed_all(cfg.seed)
         model = build_model(model_cfg).to(proc.device)  # the official initialisers, from the seed
+        if cfg.attention_init == "mimetic":
+            mimetic_init_(model)
         optimizer = make_optimizer(model, cfg, proc.device)
         mpp = cfg.objective == "mpp"
         objective = (MaskedPatchObjective(model_cfg, proc.device, precision) if mpp else
