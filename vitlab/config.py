@@ -331,14 +331,13 @@ def fashion_mnist_demo() -> TrainConfig:
     """A small plain ViT trained from scratch on Fashion-MNIST: the demo (`make demo`).
 
     Command:  vitlab train --preset fashion-mnist-demo --out runs/demo
-    Expected: test accuracy 0.9053 with flip test-time augmentation (0.8582, 0.8795, 0.8886, 0.8973, 0.9042, 0.9051,
-              0.9053 after epochs 2, 4, ..., 14), measured with the same formula through a scratch wrapper before the
-              flag existed; `make demo` from a fresh clone: FRESH
-    Time:     9.7 min of training for the 14 epochs at ~1,550 images/s (fp32, compiled), in a fast phase of the CPU;
-              where the CPU is slower (810-1,050 images/s in other runs) the time limit of 12.5 minutes
-              (`time_limit`, from the start of `train` to its last evaluation; vitlab.schedule) ends the run sooner,
-              its learning rate decayed, after ~9-11 epochs, so that `make demo` stays within 15 minutes: 9 epochs
-              printed 0.8979
+    Expected: test accuracy 0.9053 with flip test-time augmentation from a fresh clone (0.8582, 0.8795, 0.8886,
+              0.8973, 0.9042, 0.9051, 0.9053 after epochs 2, 4, ..., 14)
+    Time:     `make demo` from a fresh clone: 11 min 1 s, of which 9.7 min of training for the 14 epochs at 1,612
+              images/s on average (fp32, compiled), in a fast phase of the CPU; where the CPU is slower (810-1,050
+              images/s in other runs) the time limit of 12.5 minutes (`time_limit`, from the start of `train` to its
+              last evaluation; vitlab.schedule) ends the run sooner, its learning rate decayed, after ~9-11 epochs,
+              so that `make demo` stays within 15 minutes: 9 epochs printed 0.8979
     Hardware: 2 CPU cores (AMD EPYC, AVX2 without AVX-512; fp32 matmul peak 103-126 GFLOP/s, step_speed.py), no GPU
 
     The recipe (experiments/recipes.py and experiments/results/recipes/results.md have the runs behind it): patch
