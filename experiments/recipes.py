@@ -153,6 +153,12 @@ run("cifar10", "cifar10-hybrid-3x3", "a 3x3 stride-1 root, stages (1, 1, 1) at q
     "--resnet-root", "3x3", "--resnet-num-layers", "1,1,1", "--resnet-width-factor", "0.25", "--epochs", "13",
     compare_with="cifar10-hybrid", machine="bf16")
 run("cifar10", "cifar10-old", "the last round's documented CIFAR-10 run", *OLD_CIFAR, machine="bf16")
+# what the mimetic attention init buys the plain ViT on CIFAR-10: the preset for 20 minutes each way, fp32 on AVX2
+TWENTY = ["--preset", "cifar10-vit", "--data", CIFAR, "--time-limit", "20"]
+run("cifar10", "cifar10-vit-20min", "cifar10-vit for 20 minutes (fp32, AVX2)", *TWENTY, "--attention-init", "official",
+    compare_with="cifar10-vit-20min")
+run("cifar10", "cifar10-vit-20min-mimetic", "cifar10-vit for 20 minutes + the mimetic attention init", *TWENTY,
+    "--attention-init", "mimetic", compare_with="cifar10-vit-20min")
 
 
 BASE = {"demo": "demo-mimetic", "cifar10": "cifar10-vit-17ep"}  # the run each group's rows compare with

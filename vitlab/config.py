@@ -394,8 +394,8 @@ def cifar10_vit() -> TrainConfig:
     Time:     52.7 min (17 epochs of 45,010 images at ~255 images/s, compiled, data held in memory; 15 epochs
               before this round's faster step took 58.8 min and reached 0.6872), before the presets had a time limit
     Hardware: 2 CPU cores (AMD EPYC, AVX-512 bf16), no GPU; on an AVX2 CPU without bf16 instructions the step runs
-              in fp32 at 77 images/s (a 200-step probe), a third of the speed: the 59-minute limit would end it
-              after ~5 epochs there (not run)
+              in fp32 at 77-160 images/s (a 200-step probe; two 20-minute runs), a third to two thirds of the speed:
+              the 59-minute limit would end it after ~5-12 epochs there (not run; 20 minutes: val 0.5216 after ~4)
 
     ViT-Ti/4 narrowed to 6 layers and MLP 384 (1.8M parameters, 64 tokens): patch 4 learns far more per epoch
     than patch 8 on 32 px, and a shallower model runs more epochs in the hour. Mean pooling (gap), batch 128,
