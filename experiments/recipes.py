@@ -61,8 +61,9 @@ def run(group: str, name: str, label: str, *flags: str, compare_with: str | None
 # marked "6-epoch" change that preset as it stood before flips and 8 epochs (SIX); they and the patch 7 rows ran
 # before the compiled tanh GELU (vitlab.model.TanhGELU) and the fused AdamW made the step faster. Runs that predate
 # a flag are pinned to what they ran with (--tta none, --eval-epochs 1).
-OFFICIAL_9EP = ["--attention-init", "official", "--epochs", "9"]  # the preset before the mimetic initialisation
-DEMO = ["--preset", "fashion-mnist-demo", *NO_LIMIT, *OFFICIAL_9EP]
+OFFICIAL = ["--attention-init", "official"]  # the runs before the mimetic initialisation
+DEMO = ["--preset", "fashion-mnist-demo", *NO_LIMIT, *OFFICIAL]
+NINE = [*DEMO, "--epochs", "9"]  # the last preset
 PER_EPOCH = ["--eval-epochs", "1"]  # the runs before the preset evaluated every second epoch
 P7_7EP = [*DEMO, "--epochs", "7", "--tta", "none", *PER_EPOCH]  # the last preset, before flip TTA and 10 epochs
 LAST = [*DEMO, "--model", "vit-ti/4", "--precision", "bf16", "--tta", "none", *PER_EPOCH]
@@ -76,18 +77,17 @@ run("demo", "demo-mimetic-9ep", "the preset at 9 epochs (the last preset + the m
 # 5-minute proxies: each run ended by a 5-minute limit, evaluated once at the end, against the first
 PROXY = ["--preset", "fashion-mnist-demo", "--time-limit", "5", "--epochs", "30", "--eval-epochs", "100"]
 FIVE = dict(compare_with="demo-px-base")
-run("demo", "demo-px-base", "5 minutes of the last preset (the official attention init)", *PROXY, "--attention-init",
-    "official", **FIVE)
+run("demo", "demo-px-base", "5 minutes of the last preset (the official attention init)", *PROXY, *OFFICIAL, **FIVE)
 run("demo", "demo-px-mimetic", "5 minutes + the mimetic attention init (the scratch wrapper)", *PROXY, **FIVE)
-run("demo", "demo-px-lr5e-4", "5 minutes at lr 5e-4", *PROXY, "--attention-init", "official", "--lr", "5e-4", **FIVE)
-run("demo", "demo-px-lr2e-3", "5 minutes at lr 2e-3", *PROXY, "--attention-init", "official", "--lr", "2e-3", **FIVE)
+run("demo", "demo-px-lr5e-4", "5 minutes at lr 5e-4", *PROXY, *OFFICIAL, "--lr", "5e-4", **FIVE)
+run("demo", "demo-px-lr2e-3", "5 minutes at lr 2e-3", *PROXY, *OFFICIAL, "--lr", "2e-3", **FIVE)
 run("demo", "demo-px-p4w64l4", "5 minutes at patch 4, width 64, 4 layers, 2 heads, MLP 128", *PROXY,
-    "--attention-init", "official", "--model", "vit-ti/4", "--hidden-size", "64", "--num-heads", "2", "--mlp-dim",
+    *OFFICIAL, "--model", "vit-ti/4", "--hidden-size", "64", "--num-heads", "2", "--mlp-dim",
     "128", **FIVE)
 run("demo", "demo-px-p4w64l6", "5 minutes at patch 4, width 64, 6 layers, 4 heads, MLP 128", *PROXY,
-    "--attention-init", "official", "--model", "vit-ti/4", "--hidden-size", "64", "--num-layers", "6", "--mlp-dim",
+    *OFFICIAL, "--model", "vit-ti/4", "--hidden-size", "64", "--num-layers", "6", "--mlp-dim",
     "128", **FIVE)
-run("demo", "demo-p7-9ep-tta", "the last preset (the official attention init, 9 epochs)", *DEMO)
+run("demo", "demo-p7-9ep-tta", "the last preset (the official attention init, 9 epochs)", *NINE)
 TEN = [*DEMO, "--epochs", "10"]
 LAST9 = dict(compare_with="demo-p7-9ep-tta")  # rows of the last preset compare with it
 run("demo", "demo-p7-10ep-tta", "the last preset, 10 epochs", *TEN, **LAST9)
@@ -95,12 +95,12 @@ run("demo", "demo-p7-drop-path", "10 epochs + stochastic depth 0.1, evaluated ea
     *PER_EPOCH, compare_with="demo-p7-10ep-tta")
 run("demo", "demo-p7-crop1", "10 epochs + pad-and-crop by 1 px, evaluated each epoch", *TEN, "--crop", "pad",
     "--crop-pad", "1", *PER_EPOCH, compare_with="demo-p7-10ep-tta")
-run("demo", "demo-p7-bs32", "the last preset at batch 32, lr 7e-4", *DEMO, "--batch-size", "32", "--lr", "7e-4",
+run("demo", "demo-p7-bs32", "the last preset at batch 32, lr 7e-4", *NINE, "--batch-size", "32", "--lr", "7e-4",
     "--eval-every", "1874", **LAST9)  # as it ran, before --eval-epochs: every 1,874 steps, an epoch of batch 32 less 1
 run("demo", "demo-p7-mlp512", "the last preset with MLP 512 (the paper's ratio of 4) and its time limit of 12.5 "
-    "minutes", "--preset", "fashion-mnist-demo", *OFFICIAL_9EP, "--mlp-dim", "512", compare_with="demo-p7-9ep-tta")
+    "minutes", "--preset", "fashion-mnist-demo", *OFFICIAL, "--epochs", "9", "--mlp-dim", "512", **LAST9)
 run("demo", "demo-p7-l6", "the last preset with 6 layers and its time limit of 12.5 minutes", "--preset",
-    "fashion-mnist-demo", *OFFICIAL_9EP, "--num-layers", "6", compare_with="demo-p7-9ep-tta")
+    "fashion-mnist-demo", *OFFICIAL, "--epochs", "9", "--num-layers", "6", **LAST9)
 run("demo", "demo-p7-11ep", "11 epochs without TTA, the written-out attention", *DEMO, "--epochs", "11",
     "--tta", "none", *PER_EPOCH, **LAST9)
 run("demo", "demo-p7", "the preset before it (7 epochs, no TTA, SDPA attention)", *P7_7EP, **LAST9)
@@ -155,7 +155,7 @@ run("cifar10", "cifar10-hybrid-3x3", "a 3x3 stride-1 root, stages (1, 1, 1) at q
 run("cifar10", "cifar10-old", "the last round's documented CIFAR-10 run", *OLD_CIFAR, machine="bf16")
 # what the mimetic attention init buys the plain ViT on CIFAR-10: the preset for 20 minutes each way, fp32 on AVX2
 TWENTY = ["--preset", "cifar10-vit", "--data", CIFAR, "--time-limit", "20"]
-run("cifar10", "cifar10-vit-20min", "cifar10-vit for 20 minutes (fp32, AVX2)", *TWENTY, "--attention-init", "official",
+run("cifar10", "cifar10-vit-20min", "cifar10-vit for 20 minutes (fp32, AVX2)", *TWENTY, *OFFICIAL,
     compare_with="cifar10-vit-20min")
 run("cifar10", "cifar10-vit-20min-mimetic", "cifar10-vit for 20 minutes + the mimetic attention init", *TWENTY,
     "--attention-init", "mimetic", compare_with="cifar10-vit-20min")

@@ -123,7 +123,7 @@ def test_the_recipe_flags_are_fields_that_reach_the_model():
     (dict(model=None, hidden_size=None, num_layers=None, num_heads=None, mlp_dim=None, init="x.npz",
           attention_init="mimetic"), "attention_init mimetic initialises a model trained from scratch; with init"),
     (dict(model="bit-r26x1", hidden_size=None, num_layers=None, num_heads=None, mlp_dim=None, image_size=32,
-          attention_init="mimetic"), "attention_init mimetic initialises attention layers; bit-r26x1 has none"),
+          attention_init="mimetic"), "attention_init does not apply to the BiT ResNet bit-r26x1"),
 ])
 def test_recipe_flag_errors_name_the_field(fields, message):
     with pytest.raises(ConfigError) as error:
