@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "recipes"
 CIFAR = "wds:../shared/data/cifar10-jpeg/train-000{0..4}.tar"  # relative to ROOT, where the runs start
 NO_LIMIT = ["--time-limit", "none"]  # runs from before the presets had a time limit, as they ran
+NO_TTA = ["--tta", "none"]  # the CIFAR-10 runs from before those presets had flip TTA, as they ran
 
 # name -> (group, label, vitlab train flags)
 RUNS: dict[str, tuple[str, str, list[str]]] = {}
@@ -136,30 +137,37 @@ OLD_CIFAR = [*CIFAR_COMMON, "--model", "vit-ti/8", "--hidden-size", "128", "--nu
              "--beta2", "0.99", "--weight-decay", "0.05", "--schedule", "cosine", "--precision", "bf16",
              "--num-workers", "1", "--no-compile"]
 run("cifar10", "cifar10-vit-17ep", "cifar10-vit (17 epochs)", "--preset", "cifar10-vit", "--precision", "bf16",
-    "--data", CIFAR, *NO_LIMIT, "--epochs", "17", machine="bf16")
+    "--data", CIFAR, *NO_LIMIT, "--epochs", "17", *NO_TTA, machine="bf16")
 run("cifar10", "cifar10-vit", "cifar10-vit at 15 epochs, before the faster step (TanhGELU, fused AdamW)",
-    "--preset", "cifar10-vit", "--precision", "bf16", "--data", CIFAR, *NO_LIMIT, "--epochs", "15", machine="bf16")
-run("cifar10", "cifar10-hybrid", "cifar10-hybrid (R26's root and two stages, ViT of 4 layers on 4x4 cells, 27 epochs)",
-    "--preset", "cifar10-hybrid", "--precision", "bf16", "--data", CIFAR, *NO_LIMIT, compare_with="cifar10-hybrid",
+    "--preset", "cifar10-vit", "--precision", "bf16", "--data", CIFAR, *NO_LIMIT, "--epochs", "15", *NO_TTA,
     machine="bf16")
-run("cifar10", "cifar10-hybrid-59min", "cifar10-hybrid as it stands: fp32, ended by its 59-minute limit after 14.5 "
-    "of 27 epochs", "--preset", "cifar10-hybrid", "--data", CIFAR, compare_with="cifar10-hybrid")
+run("cifar10", "cifar10-hybrid", "cifar10-hybrid (R26's root and two stages, ViT of 4 layers on 4x4 cells, 27 epochs)",
+    "--preset", "cifar10-hybrid", "--precision", "bf16", "--data", CIFAR, *NO_LIMIT, *NO_TTA,
+    compare_with="cifar10-hybrid", machine="bf16")
+run("cifar10", "cifar10-hybrid-59min", "cifar10-hybrid before flip TTA: fp32, ended by its 59-minute limit after 14.5 "
+    "of 27 epochs", "--preset", "cifar10-hybrid", "--data", CIFAR, *NO_TTA, compare_with="cifar10-hybrid")
 HYBRID_R2 = ["--model", "r26+vit-ti/4", "--resnet-num-layers", "2", "--resnet-width-factor", "0.5", "--num-layers", "6"]
 run("cifar10", "cifar10-hybrid-old", "the last hybrid preset (root, 2 units at half width, 6 layers on 8x8 cells), "
     "11 epochs, before the faster step", "--preset", "cifar10-hybrid", "--precision", "bf16", "--data", CIFAR,
-    *NO_LIMIT, *HYBRID_R2, "--epochs", "11", compare_with="cifar10-hybrid", machine="bf16")
+    *NO_LIMIT, *HYBRID_R2, "--epochs", "11", *NO_TTA, compare_with="cifar10-hybrid", machine="bf16")
 run("cifar10", "cifar10-hybrid-3x3", "a 3x3 stride-1 root, stages (1, 1, 1) at quarter width, 4 layers, 13 epochs",
     "--preset", "cifar10-hybrid", "--precision", "bf16", "--data", CIFAR, *NO_LIMIT, "--model", "r26+vit-ti/4",
     "--resnet-root", "3x3", "--resnet-num-layers", "1,1,1", "--resnet-width-factor", "0.25", "--epochs", "13",
-    compare_with="cifar10-hybrid", machine="bf16")
+    *NO_TTA, compare_with="cifar10-hybrid", machine="bf16")
 run("cifar10", "cifar10-old", "the last round's documented CIFAR-10 run", *OLD_CIFAR, machine="bf16")
-# what the mimetic attention init buys the plain ViT on CIFAR-10: the preset for 20 minutes each way, fp32 on AVX2
 # TrivialAugmentWide on the hybrid (stop 25, the bf16 machine): 0.8016 with flip TTA, 0.7856 without (vitlab eval
 # --tta none on its weights); the preset without either reached 0.8052 in 27 epochs.
 run("cifar10", "cifar10-hybrid-ta", "cifar10-hybrid + TrivialAugmentWide and flip TTA, ended by its 59-minute limit",
     "--preset", "cifar10-hybrid", "--data", CIFAR, "--trivialaugment", "--tta", "flip",
     compare_with="cifar10-hybrid", machine="bf16")
-TWENTY = ["--preset", "cifar10-vit", "--data", CIFAR, "--time-limit", "20"]
+# The hybrid preset as it stands (stop 26): flip TTA at every evaluation, the bf16 machine.
+run("cifar10", "cifar10-hybrid-tta", "cifar10-hybrid as it stands: + flip TTA, 27 epochs within its 59-minute limit",
+    "--preset", "cifar10-hybrid", "--data", CIFAR, compare_with="cifar10-hybrid", machine="bf16")
+# The plain ViT preset as it stands (stop 26): flip TTA at every evaluation, up to 20 epochs within the 59 minutes.
+run("cifar10", "cifar10-vit-tta", "cifar10-vit as it stands: + flip TTA, up to 20 epochs within its 59-minute limit",
+    "--preset", "cifar10-vit", "--data", CIFAR, machine="bf16")
+# what the mimetic attention init buys the plain ViT on CIFAR-10: the preset for 20 minutes each way, fp32 on AVX2
+TWENTY = ["--preset", "cifar10-vit", "--data", CIFAR, "--time-limit", "20", *NO_TTA]
 run("cifar10", "cifar10-vit-20min", "cifar10-vit for 20 minutes (fp32, AVX2)", *TWENTY, *OFFICIAL,
     compare_with="cifar10-vit-20min")
 run("cifar10", "cifar10-vit-20min-mimetic", "cifar10-vit for 20 minutes + the mimetic attention init", *TWENTY,
@@ -170,7 +178,9 @@ BASE = {"demo": "demo-mimetic", "cifar10": "cifar10-vit-17ep"}  # the run each g
 TARGETS = {"demo": [("aim: 0.90", 0.90)], "cifar10": [("aim, ViT: 0.80", 0.80), ("aim, hybrid: 0.85", 0.85)]}
 # the curves drawn (the table has every run): the presets, the recipes before them and the largest single changes
 PLOTTED = {"demo": ["demo-mimetic", "demo-mimetic-9ep", "demo-p7-9ep-tta", "demo-p7-10ep-tta", "demo-p7", "demo",
-                    "demo-old"]}
+                    "demo-old"],
+           "cifar10": ["cifar10-vit-tta", "cifar10-vit-17ep", "cifar10-hybrid-tta", "cifar10-hybrid", "cifar10-hybrid-ta",
+                       "cifar10-hybrid-59min", "cifar10-vit-20min", "cifar10-old"]}
 
 
 def run_all(names: list[str]) -> None:
