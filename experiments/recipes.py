@@ -179,8 +179,8 @@ TARGETS = {"demo": [("aim: 0.90", 0.90)], "cifar10": [("aim, ViT: 0.80", 0.80), 
 # the curves drawn (the table has every run): the presets, the recipes before them and the largest single changes
 PLOTTED = {"demo": ["demo-mimetic", "demo-mimetic-9ep", "demo-p7-9ep-tta", "demo-p7-10ep-tta", "demo-p7", "demo",
                     "demo-old"],
-           "cifar10": ["cifar10-vit-tta", "cifar10-vit-17ep", "cifar10-hybrid-tta", "cifar10-hybrid", "cifar10-hybrid-ta",
-                       "cifar10-hybrid-59min", "cifar10-vit-20min", "cifar10-old"]}
+           "cifar10": ["cifar10-vit-tta", "cifar10-vit-17ep", "cifar10-hybrid-tta", "cifar10-hybrid",
+                       "cifar10-hybrid-ta", "cifar10-hybrid-59min", "cifar10-vit-20min", "cifar10-old"]}
 
 
 def run_all(names: list[str]) -> None:

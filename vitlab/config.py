@@ -400,8 +400,8 @@ def cifar10_vit() -> TrainConfig:
     than patch 8 on 32 px, and a shallower model runs more epochs in the hour. Mean pooling (gap), batch 128,
     AdamW 1e-3 with beta2 0.99 and weight decay 0.05, 10% warm-up then cosine to 0, label smoothing 0.1,
     pad-and-crop plus flips (heavier policies pay over hundreds of epochs, and their CPU cost is training time on
-    two cores), bf16 autocast, torch.compile, flip TTA (+1.5 points on its weights), up to 20 epochs (19 would fit
-    in the hour on the day 17 took 52.7 min; the time limit ends it sooner when the CPU is slower).
+    two cores), bf16 autocast, torch.compile, flip TTA (+1.5 points on its weights), up to 20 epochs (an estimate: at
+    the 3.1 min an epoch of the day 17 took 52.7 min, 19 fit in the hour; the time limit ends it sooner).
     """
     return _cifar10(model="vit-ti/4", epochs=20)
 
@@ -410,10 +410,10 @@ def cifar10_hybrid() -> TrainConfig:
     """The paper's hybrid (section 3.1): a ResNet stem, then the ViT on 1x1 cells of its feature map.
 
     Command:  vitlab train --preset cifar10-hybrid --data 'wds:../shared/data/cifar10-jpeg/train-000{0..4}.tar' --out DIR
-    Expected: validation accuracy 0.8138 with flip TTA on an AVX-512 BF16 CPU (0.8004 from the same weights without
-              it; 4,990 images cut from the training shards by key hash, the test split held back): short of the 0.85
-              aimed at; experiments/results/recipes/ has the curves. Before TTA: 0.8052 in 27 epochs there, 0.7607 on
-              an AVX2 CPU, where the time limit ended it after 14.5 of its 27 epochs
+    Expected: validation accuracy 0.8138 with flip TTA on an AVX-512 BF16 CPU (0.8004 from the same weights
+              without it; 4,990 images cut from the training shards by key hash, the test split held back): short
+              of the 0.85 aimed at; experiments/results/recipes/ has the curves. Before TTA: 0.8052 in 27 epochs
+              there, 0.7607 on an AVX2 CPU, where the time limit ended it after 14.5 of its 27 epochs
     Time:     58 min 29 s in bf16 (`/usr/bin/time` around the command): the 59-minute limit ended it after 24.9 of its
               27 epochs (8,738 steps at 351 images/s on average, compiled, data held in memory; 0.8050 after 18
               epochs, 42.3 min); before TTA and the time limit, 27 epochs took 55 min 37 s at 387 images/s; 58 min 30 s
@@ -429,10 +429,10 @@ def cifar10_hybrid() -> TrainConfig:
     and one stage of two units at half width, then cifar10-vit's 6 layers on 8x8 cells) learned less per epoch
     than the plain ViT, as did a 3x3 stride-1 root (--resnet-root 3x3) that keeps the 32 px image's detail for
     three stages of one unit: 0.6263 after 11 epochs in 47.9 min (before this round's faster step) and 0.6289
-    after 13 in 48.5 min, where this preset has 0.71 after 18 min. The data-size experiment had shown the deep
-    ResNet ahead: BiT-R26x1 reached 0.631 after 3.4 epochs where the ViTs stopped near 0.51. Flip TTA (the CIFAR-10
-    presets' `tta`) gave +1.3 points on its weights (0.8138 against 0.8004) and +1.6 on a run with TrivialAugmentWide,
-    which itself cost ~2 points at this budget (0.7856 without TTA after 25 epochs).
+    after 13 in 48.5 min, where this preset had 0.71 after 18 min (before TTA). The data-size experiment had shown
+    the deep ResNet ahead: BiT-R26x1 reached 0.631 after 3.4 epochs where the ViTs stopped near 0.51. Flip TTA (the
+    CIFAR-10 presets' `tta`) gave +1.3 points on its weights (0.8138 against 0.8004) and +1.6 on a run with
+    TrivialAugmentWide, which itself cost ~2 points at this budget (0.7856 without TTA after 25 epochs).
     """
     return _cifar10(model="r26+vit-ti/8", num_layers=4, epochs=27)
 
