@@ -172,9 +172,9 @@ run("cifar10", "cifar10-hybrid-front", "cifar10-hybrid with a 3x3 stride-1 root 
     "width, stopped in its fourth epoch", "--preset", "cifar10-hybrid", "--data", CIFAR, "--resnet-root", "3x3",
     "--resnet-num-layers", "1,1,2,4", "--resnet-width-factor", "0.25", compare_with="cifar10-hybrid-tta",
     machine="bf16")
-# The hybrid preset at twice the learning rate (stop 27, the bf16 machine): its weight-standardised convolutions
-# see Adam's fixed step shrink as their weights grow. 0.8184 after 26.2 epochs against 0.8138 after 24.9, level
-# epoch by epoch: within the noise, and the preset keeps 1e-3.
+# The hybrid preset at twice the learning rate (stop 27, the bf16 machine), on the guess that its weight-standardised
+# convolutions see Adam's fixed step shrink as their weights grow. 0.8184 after 26.2 epochs against 0.8138 after
+# 24.9, level epoch by epoch: within the noise, and the preset keeps 1e-3.
 run("cifar10", "cifar10-hybrid-lr2e-3", "cifar10-hybrid at lr 2e-3, within its 59-minute limit", "--preset",
     "cifar10-hybrid", "--data", CIFAR, "--lr", "2e-3", compare_with="cifar10-hybrid-tta", machine="bf16")
 # The plain ViT preset before the mimetic init (stop 26): flip TTA at every evaluation, up to 20 epochs within the
