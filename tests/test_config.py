@@ -99,12 +99,13 @@ def test_finetune_flags_that_conflict_are_one_line_errors(tmp_path, capsys):
 def test_the_recipe_flags_are_fields_that_reach_the_model():
     cfg = make_config(("command line", dict(TINY, drop_path="0.1", posemb="sincos2d", ema_decay="0.999",
                                             trivialaugment="true", layer_decay="0.75", eval_data="wds:/d/t-{0..1}.tar",
-                                            attention_init="mimetic")))
+                                            attention_init="mimetic", progressive_sizes="8,12")))
     assert (cfg.drop_path, cfg.posemb, cfg.ema_decay, cfg.trivialaugment, cfg.layer_decay, cfg.attention_init) == (
         0.1, "sincos2d", 0.999, True, 0.75, "mimetic")
     model_cfg = cfg.model_config(num_classes=10)
     assert model_cfg.stochastic_depth == 0.1 and model_cfg.posemb == "sincos2d"
     assert make_config(("flags", dict(TINY, autoaugment="cifar10"))).autoaugment == "cifar10"
+    assert cfg.progressive_sizes == (8, 12) and cfg.progressive_until == 0.5
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -124,6 +125,14 @@ def test_the_recipe_flags_are_fields_that_reach_the_model():
           attention_init="mimetic"), "attention_init mimetic initialises a model trained from scratch; with init"),
     (dict(model="bit-r26x1", hidden_size=None, num_layers=None, num_heads=None, mlp_dim=None, image_size=32,
           attention_init="mimetic"), "attention_init does not apply to the BiT ResNet bit-r26x1"),
+    (dict(progressive_sizes="8,6"), "progressive_sizes must rise, each below image_size 16, got 8,6"),
+    (dict(progressive_sizes="16"), "progressive_sizes must rise, each below image_size 16, got 16"),
+    (dict(progressive_sizes="10"), "progressive_sizes 10: patch_size (4, 4) does not divide image_size (10, 10)"),
+    (dict(progressive_sizes="8", image_size="16x12"), "progressive_sizes needs a square image_size, got 16x12"),
+    (dict(progressive_sizes="8", progressive_until=1.0), "progressive_until must be in (0, 1)"),
+    (dict(progressive_sizes="8", objective="mpp"), "progressive_sizes does not apply to objective mpp"),
+    (dict(model=None, hidden_size=None, num_layers=None, num_heads=None, mlp_dim=None, init="x.npz",
+          progressive_sizes="8"), "progressive_sizes trains a model from scratch"),
 ])
 def test_recipe_flag_errors_name_the_field(fields, message):
     with pytest.raises(ConfigError) as error:

@@ -172,3 +172,29 @@ def test_torchrun_processes_take_process_0s_estimate_and_end_together(tmp_path):
     assert "2 processes on cpu" in result.stdout and "the time limit (0.25 min) ended the run after" in result.stdout
     steps = [r for r in rows(out) if r["split"] == "train"]
     assert steps[-1]["step"] < 20_000 and steps[-1]["lr"] < 0.05 * TINY["lr"]
+
+
+def test_progressive_sizes_take_equal_shares_of_the_run_before_progressive_until():
+    cfg = TrainConfig(**dict(TINY, progressive_sizes=(8, 12), progressive_until=0.5))  # image_size 16
+    schedule, sizes = Schedule(cfg, 12, 4), []
+    while not schedule.done:
+        sizes.append(schedule.image_size()[0])
+        schedule.advance()
+    assert sizes == [8] * 3 + [12] * 3 + [16] * 6
+    assert Schedule(TrainConfig(**TINY), 12, 4).image_size() == (16, 16)  # without progressive_sizes: image_size
+
+
+def test_a_timed_run_s_progressive_sizes_follow_its_progress(clock):
+    """Under a time limit the stages follow the run's progress, which sets the learning rate: half of it at 8 px
+    here, for every step the time limit allows."""
+    cfg = TrainConfig(**dict(TIMED, progressive_sizes=(8,), progressive_until=0.5))
+    schedule, sizes = Schedule(cfg, 320, 50), []
+    while not schedule.done:
+        sizes.append(schedule.image_size()[0])
+        before = schedule.progress
+        clock[0] += 0.05 if sizes[-1] == 8 else 0.2  # the small images' steps are 4x as fast
+        schedule.advance()
+        if len(sizes) % 10 == 0:
+            schedule.replan(len(sizes), False, CPU)
+        assert (before < 0.5) == (sizes[-1] == 8)
+    assert 8 in sizes and 16 in sizes

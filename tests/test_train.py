@@ -360,6 +360,29 @@ def test_drop_path_ema_and_sincos_resume_bit_for_bit_after_sigkill(tmp_path):
         train(TrainConfig(**dict(RECIPE, ema_decay=None, epochs=4), out=str(out)), resume=True)
 
 
+PROGRESSIVE = dict(TINY, epochs=3, progressive_sizes="8,12", crop="pad", flip=True, deterministic=True, save_every=8)
+
+
+@pytest.mark.slow
+def test_progressive_sizes_train_each_stage_at_its_size_and_resume_bit_for_bit_after_sigkill(tmp_path):
+    """48 steps: the first 12 at 8 px, the next 12 at 12, the last 24 at the run's 16 (progressive_until 0.5); the
+    logged FLOPs count each step at its size, and a run killed inside the second stage resumes into the same."""
+    reference = tmp_path / "reference"
+    result = train(TrainConfig(**PROGRESSIVE, out=str(reference)))
+    cfg = load_model(reference).cfg
+    per_step = {size: 3 * model_module.forward_flops(cfg.replace(image_size=size)) * 32 for size in (8, 12, 16)}
+    flops = [0] + [r["train_flops"] for r in rows(reference) if r["split"] == "train"]
+    assert [b - a for a, b in zip(flops, flops[1:])] == [per_step[8]] * 12 + [per_step[12]] * 12 + [per_step[16]] * 24
+    assert result["n"] == 128 and cfg.image_size == (16, 16)  # evaluated, and saved, at image_size
+
+    out = tmp_path / "run"
+    killed = vitlab_train(*flags(PROGRESSIVE), "--out", out, VITLAB_FAULT="step@21")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    train(TrainConfig(**PROGRESSIVE, out=str(out)), resume=True)
+    assert_same_weights(weights(out), weights(reference))
+    assert [r for r in rows(out) if r["split"] == "train"][-1]["train_flops"] == flops[-1]
+
+
 def cli_eval_top1(run_dir) -> float:
     result = subprocess.run([sys.executable, "-m", "vitlab", "eval", str(run_dir), "--data", "fashion-mnist"],
                             capture_output=True, text=True, env=subprocess_env(), timeout=120)

@@ -177,3 +177,17 @@ def test_keep_pre_logits_keeps_the_sources_pre_logits_layer(tmp_path, capsys, ke
     else:
         assert not hasattr(tuned.pre_logits, "fc")
     assert tuned.head.weight.abs().max() < 1e-6  # a new zero head (one step at lr 1e-9)
+
+
+@pytest.mark.parametrize("posemb", ["learned", "sincos2d"])
+def test_smaller_images_meet_the_position_embeddings_adapt_gives_their_grid(posemb):
+    """Progressive resizing trains on images below image_size: the model takes them with its position embeddings
+    resampled to their grid (antialiased bicubic), computing what the model adapted to their size computes."""
+    cfg = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64, num_classes=3,
+                    posemb=posemb)
+    model = randomise(VisionTransformer(cfg), seed=5)
+    x = torch.randn(2, 3, 8, 12)
+    torch.testing.assert_close(model(x), adapt(model, image_size=(8, 12), pos_embed_interp="bicubic")(x))
+    if posemb == "learned":
+        model(x).square().sum().backward()
+        assert model.pos_embed.grad[:, 1:].abs().amin() > 0  # every position of the 4x4 grid learns from the 2x3

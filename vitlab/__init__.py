@@ -26,7 +26,7 @@ _EXPORTS = {
     "model_config": "model",
     "predict": "evaluate",
     "preprocess": "evaluate",
-    "resize_pos_embed": "transfer",
+    "resize_pos_embed": "model",
     "save_checkpoint": "weights",
     "variant_config": "model",
 }

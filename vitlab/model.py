@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Config, ConfigError, check_inputs_and_classes, positive
+from .common import CheckpointError, Config, ConfigError, check_inputs_and_classes, positive
 from .resnet import (
     HybridStem,
     ResNetConfig,
@@ -133,8 +133,12 @@ class ViTConfig(Config):
     @property
     def grid_size(self) -> tuple[int, int]:
         """The patch grid (H/P_h, W/P_w); for a hybrid, of the stem's feature map (H/(sP_h), W/(sP_w))."""
+        return self.grid_of(self.image_size)
+
+    def grid_of(self, image_size: Sequence[int]) -> tuple[int, int]:
+        """The patch grid of images of `image_size` (H, W)."""
         s = self.stem_stride
-        return (self.image_size[0] // (s * self.patch_size[0]), self.image_size[1] // (s * self.patch_size[1]))
+        return (image_size[0] // (s * self.patch_size[0]), image_size[1] // (s * self.patch_size[1]))
 
     @property
     def num_patches(self) -> int:
@@ -252,6 +256,38 @@ def posemb_sincos_2d(grid: tuple[int, int], width: int, num_prefix_tokens: int =
     x, y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega  # (h*w, D/4)
     pe = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
     return torch.cat([torch.zeros(num_prefix_tokens, width, dtype=torch.float64), pe]).float()[None]
+
+
+def resize_pos_embed(
+    pos_embed: torch.Tensor,
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """Resize (1, prefix + h*w, D) position embeddings to a new grid by 2-D interpolation.
+
+    The [class] token's embedding is kept apart, unchanged. "bilinear" is the official code's
+    `scipy.ndimage.zoom(grid, zoom, order=1)`: linear interpolation whose corner samples land on the old corners,
+    i.e. `align_corners=True`. "bicubic" is timm's choice (align_corners=False, antialiased). The same grid returns
+    the input.
+    """
+    if mode not in ("bilinear", "bicubic"):
+        raise ConfigError(f"pos_embed interpolation must be 'bilinear' or 'bicubic', got {mode!r}")
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    n = pos_embed.shape[1] - num_prefix_tokens
+    if old_grid[0] * old_grid[1] != n:
+        raise CheckpointError(f"position embeddings: {n} grid tokens do not fit grid {old_grid}")
+    if old_grid == new_grid:
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    D = grid.shape[-1]
+    grid = grid.reshape(1, *old_grid, D).permute(0, 3, 1, 2).float()  # (1, D, h, w)
+    # bicubic antialiases when it shrinks, as timm's `resample_abs_pos_embed` does (no effect when it grows)
+    grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=(mode == "bilinear"),
+                         antialias=(mode == "bicubic"))
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
 
 
 def drop_patches(x: torch.Tensor, rate: float, num_prefix_tokens: int) -> torch.Tensor:
@@ -496,12 +532,20 @@ class VisionTransformer(nn.Module):
         """Eq. 1, the encoder's input z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos: (B, N+1, D), or (B, N, D)
         with "gap". `corruption` (vitlab.mpp.Corruption) replaces patch embeddings before the position embeddings
         are added (masked patch prediction)."""
+        grid = self.cfg.grid_of(x.shape[-2:])
         x = self.patch_embed(x)  # (B, N, D)
         if corruption is not None:
             x = corruption.apply(x, self.mask_token)  # masked patch prediction: some patch embeddings replaced
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, D), x_class
-        return x + self.pos_embed  # + E_pos
+        pos_embed = self.pos_embed
+        if grid != self.cfg.grid_size:  # other images than image_size (progressive resizing): E_pos for their grid,
+            # as vitlab.transfer.adapt makes it: fixed ones computed, learned ones interpolated in 2-D, antialiased
+            # (timm's bicubic: each position of a smaller grid averages its footprint, so that all of them learn)
+            pos_embed = (posemb_sincos_2d(grid, self.cfg.hidden_size, self.cfg.num_prefix_tokens).to(x.device)
+                         if self.cfg.posemb == "sincos2d" else
+                         resize_pos_embed(pos_embed, self.cfg.grid_size, grid, self.cfg.num_prefix_tokens, "bicubic"))
+        return x + pos_embed  # + E_pos
 
     def forward_features(
         self, x: torch.Tensor, return_attention: bool | Iterable[int] = False, corruption=None

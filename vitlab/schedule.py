@@ -88,6 +88,15 @@ class Schedule:
     def done(self) -> bool:
         return self.steps_left <= 0
 
+    def image_size(self) -> tuple[int, int]:
+        """The size of the next step's images: image_size, or with progressive_sizes the size of the run's stage,
+        each of them an equal share of the first progressive_until of the run (of its steps, or of its progress
+        under a time limit, so that the sizes follow the learning-rate schedule)."""
+        sizes, until = self.cfg.progressive_sizes, self.cfg.progressive_until
+        done = self.progress if self.timed else 1.0 - self.steps_left / self.cap
+        stage = int(done / until * len(sizes)) if sizes else 0
+        return tuple(self.cfg.image_size) if not sizes or stage >= len(sizes) else (sizes[stage], sizes[stage])
+
     @contextlib.contextmanager
     def aside(self, evaluation: bool = False):
         """Time spent on something else than training steps: an evaluation (measured, as the next ones will

@@ -38,7 +38,7 @@ from . import data
 from .common import CheckpointError, ConfigError, DataError, atomic_write_text
 from .config import TrainConfig
 from .evaluate import Classification
-from .images import TrainAug, batch_mix
+from .images import TrainAug, batch_mix, resize
 from .model import build_model, forward_flops, mimetic_init_
 from .mpp import MaskedPatchObjective, MaskedPatchPrediction
 from .resnet import ResNetConfig
@@ -116,7 +116,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
                                              batch_mix(cfg.mixup, cfg.cutmix, splits.num_classes)))
 
         # ---- init: scratch (above) | resume (the run's last checkpoint) | pretrained (fine-tuning) -----------
-        at, saved_rng, saved_schedule = Position(), None, None
+        at, saved_rng, saved_schedule, trained_flops = Position(), None, None, 0
         if source is not None:
             message = init_from_pretrained(model, source, cfg.init)  # section 3.2, appendix B.1.1
             if proc.is_main:
@@ -124,7 +124,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             del source
         ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None  # the run's model, when there is one
         if resume and (out / STATE_FILE).exists():
-            at, saved_rng, saved_schedule = _resume(out, model, optimizer, ema, cfg, proc)
+            at, saved_rng, saved_schedule, trained_flops = _resume(out, model, optimizer, ema, cfg, proc)
         schedule = Schedule(cfg, total_steps, cfg.eval_every or cfg.eval_epochs * steps_per_epoch,
                             time.perf_counter() - started, at.step, saved_schedule)  # a fixed length, or a time limit's
         run_model = model if ema is None else ema.module  # what is evaluated and saved as the run's model
@@ -154,12 +154,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
             print(_describe(out, cfg, model, splits, total_steps, proc, precision, net is not model, at.step))
         bar = stack.enter_context(tqdm(total=total_steps, initial=at.step, unit="step", dynamic_ncols=True,
                                        disable=not proc.is_main))
-        # Training FLOPs, for compute-vs-accuracy plots: a backward pass costs about two forward passes (one
-        # product for the activations' gradients, one for the weights'), so a trained image costs 3 forwards.
-        metrics = StepMetrics(log, bar, proc, steps_per_epoch, cfg.batch_size, 3 * forward_flops(model_cfg))
+        metrics = StepMetrics(log, bar, proc, steps_per_epoch, cfg.batch_size, model_cfg, trained_flops, at.step)
 
         # ---- loop ------------------------------------------------------------------------------------------
-        results, evaluated = {}, None  # the last evaluation, made at step `evaluated`
+        results, evaluated, size = {}, None, None  # the last evaluation, made at step `evaluated`; the last step's size
         while not schedule.done:
             loader = data.make_loader(
                 splits.train, local_batch, shuffle=True, seed=cfg.seed, epoch=at.epoch, start_batch=at.batch,
@@ -175,12 +173,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
                     raise DataError(f"every image of batch {at.batch} of epoch {at.epoch} is unreadable")
                 lr = schedule.lr(at.step)
                 seed = (cfg.seed * 1_000_003 + at.step) * 4096 + proc.rank  # this step's mixing or corruption
-                stats = train_step(train_net, model, optimizer, objective, *batch, lr, seed, cfg, proc)
+                size, last_size = schedule.image_size(), size  # progressive resizing: a new size compiles again
+                with schedule.aside() if last_size not in (None, size) else contextlib.nullcontext():
+                    stats = train_step(train_net, model, optimizer, objective, resize(batch[0], size), batch[1], lr,
+                                       seed, cfg, proc)
                 if ema is not None:
                     ema.update(model)
                 schedule.advance()
                 at = at.next(epoch_end)
-                metrics.add(at.step, lr, stats)
+                metrics.add(at.step, lr, stats, size)
                 fault_point("step", at.step)
                 done = schedule.done
                 save_now = done or (at.step % cfg.save_every == 0 if cfg.save_every else epoch_end)
@@ -197,7 +198,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, float]:
                     evaluated = at.step
                 if save_now or stop:
                     with schedule.aside():
-                        last_saved = _save(out, model, optimizer, ema, at, schedule, cfg, proc)
+                        last_saved = _save(out, model, optimizer, ema, at, schedule, metrics.flops, cfg, proc)
                 if stop and not done:
                     signum = signals.received or signal.SIGTERM  # (another process may have received it)
                     raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {at.step}; saved "
@@ -366,40 +367,52 @@ class StepMetrics:
     """The training steps' metrics. They stay on the device until `flush`, every log_every steps (and before
     evaluating, saving or stopping), in one transfer: the loop's only host-device sync. Across processes they are
     averaged in one all_reduce that also carries each process's stop request, so that all processes stop after
-    the same step."""
+    the same step. Each row carries the training FLOPs so far, for compute-vs-accuracy plots."""
 
-    def __init__(self, log: RunLog | None, bar, proc: "Process", steps_per_epoch: int, batch_size: int,
-                 flops_per_image: int):
+    def __init__(self, log: RunLog | None, bar, proc: "Process", steps_per_epoch: int, batch_size: int, model_cfg,
+                 flops: int | None, step: int):
         self.log, self.bar, self.proc = log, bar, proc
-        self.steps_per_epoch, self.batch_size, self.flops_per_image = steps_per_epoch, batch_size, flops_per_image
-        self.pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, stats on the device)
+        self.steps_per_epoch, self.batch_size, self.model_cfg = steps_per_epoch, batch_size, model_cfg
+        self.image_flops: dict[tuple[int, int], int] = {}  # {image size: the training FLOPs of an image}
+        # the training FLOPs of the steps so far (the global batch's); a run saved before its training state counted
+        # them trained at image_size
+        self.flops = flops if flops is not None else self._flops_of(tuple(model_cfg.image_size)) * batch_size * step
+        self.pending: list[tuple[int, float, torch.Tensor, int]] = []  # (step, lr, stats on the device, FLOPs)
         self.start_window()
 
     def start_window(self) -> None:
         self.window_start, self.window_steps = time.perf_counter(), 0
 
-    def add(self, step: int, lr: float, stats: torch.Tensor) -> None:
-        self.pending.append((step, lr, stats))
+    def add(self, step: int, lr: float, stats: torch.Tensor, size: tuple[int, int]) -> None:
+        self.flops += self._flops_of(size) * self.batch_size
+        self.pending.append((step, lr, stats, self.flops))
+
+    def _flops_of(self, size: tuple[int, int]) -> int:
+        """A trained image's FLOPs at `size`: a backward pass costs about two forward passes (one product for the
+        activations' gradients, one for the weights'), so three forwards."""
+        if size not in self.image_flops:
+            self.image_flops[size] = 3 * forward_flops(self.model_cfg.replace(image_size=size))
+        return self.image_flops[size]
         self.window_steps += 1
 
     def flush(self, stop: bool, out: Path, last_saved: int | None) -> bool:
         """Write the pending steps' metrics, stopping at a non-finite loss; True when a process must stop."""
         device = self.proc.device
-        stats = torch.stack([s for _, _, s in self.pending]) if self.pending else torch.zeros(0, 3, device=device)
+        stats = torch.stack([s for _, _, s, _ in self.pending]) if self.pending else torch.zeros(0, 3, device=device)
         if self.proc.distributed:  # the processes' mean metrics, and whether any of them must stop
             packet = torch.cat([stats.flatten(), torch.tensor([float(stop)], device=device)])
             dist.all_reduce(packet)
             stats, stop = (packet[:-1] / self.proc.world_size).view(-1, 3), packet[-1].item() > 0
         elapsed = time.perf_counter() - self.window_start
         img_s = self.window_steps * self.batch_size / elapsed if elapsed > 0 else 0.0
-        for (s, lr, _), (loss, acc, grad_norm) in zip(self.pending, stats.tolist()):
+        for (s, lr, _, flops), (loss, acc, grad_norm) in zip(self.pending, stats.tolist()):
             if not math.isfinite(loss):
                 kept = f"{out} keeps step {last_saved}" if last_saved is not None else "nothing was saved"
                 raise TrainingStopped(f"error: the loss is {loss} at step {s}; stopped ({kept})", exit_code=1)
             if self.log is not None:
                 self.log.write(dict(split="train", step=s, epoch=round(s / self.steps_per_epoch, 4), loss=loss,
                                     acc=acc, lr=lr, img_s=round(img_s, 1), grad_norm=grad_norm,
-                                    train_flops=self.flops_per_image * self.batch_size * s))
+                                    train_flops=flops))
         if self.log is not None and self.pending:
             self.log.flush()
             self.bar.update(self.pending[-1][0] - self.bar.n)
@@ -425,7 +438,7 @@ def run_evaluators(evaluators: list, net: nn.Module, log: RunLog | None, step: i
 
 
 def _save(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, at: Position,
-          schedule: Schedule, cfg: TrainConfig, proc: "Process") -> int:
+          schedule: Schedule, trained_flops: int, cfg: TrainConfig, proc: "Process") -> int:
     """Save the run's model and the training state of this step (process 0, with every process's RNG state; with
     an EMA, the EMA is the run's model and the trained weights go into the training state)."""
     rngs = [rng_state()]
@@ -434,7 +447,8 @@ def _save(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EM
         dist.all_gather_object(rngs, rng_state())
     if proc.is_main:
         state = dict(step=at.step, epoch=at.epoch, batch=at.batch, rng=rngs, optimizer=optimizer.state_dict(),
-                     config={k: getattr(cfg, k) for k in FIXED_ON_RESUME}, schedule=schedule.state())
+                     config={k: getattr(cfg, k) for k in FIXED_ON_RESUME}, schedule=schedule.state(),
+                     train_flops=trained_flops)
         if ema is not None:
             state.update(model=model.state_dict(), ema_updates=ema.updates)
         save_run(out, model if ema is None else ema.module, state)
@@ -442,10 +456,11 @@ def _save(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EM
 
 
 def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, cfg: TrainConfig,
-            proc: "Process") -> tuple[Position, dict | None, dict | None]:
+            proc: "Process") -> tuple[Position, dict | None, dict | None, int | None]:
     """The run's last checkpoint loaded into the model, its EMA and the optimizer: where it stood, this process's
-    RNG state to restore before the first step (None when the run was saved by another number of processes), and
-    its schedule's state (Schedule.state; None from a run saved before there was one)."""
+    RNG state to restore before the first step (None when the run was saved by another number of processes), its
+    schedule's state (Schedule.state; None from a run saved before there was one) and the FLOPs it had trained
+    (None from a run saved before they were counted)."""
     state = load_run(out, model, optimizer, ema.module if ema is not None else None)
     for name in FIXED_ON_RESUME:
         if state["config"].get(name) != getattr(cfg, name):
@@ -457,11 +472,14 @@ def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: 
     if schedule is not None and not (isinstance(schedule, dict) and all(
             isinstance(v, (int, float)) and math.isfinite(v) for v in schedule.values())):
         raise CheckpointError(f"{out / STATE_FILE}: its schedule state is not numbers ({schedule!r:.60})")
+    flops = state.get("train_flops")
+    if flops is not None and not isinstance(flops, int):
+        raise CheckpointError(f"{out / STATE_FILE}: its train_flops is not an int ({flops!r:.60})")
     if len(state["rng"]) == proc.world_size:
-        return at, state["rng"][proc.rank], schedule
+        return at, state["rng"][proc.rank], schedule, flops
     if proc.is_main:
         print(f"resuming on {proc.world_size} processes a run saved on {len(state['rng'])}: new random streams")
-    return at, None, schedule
+    return at, None, schedule, flops
 
 
 # Below this many steps a CPU run does not earn back torch.compile's 30-60 s of compiling (measured here: +18% per
@@ -472,7 +490,8 @@ COMPILE_MIN_CPU_STEPS = 1000
 def _compiled(model: nn.Module, cfg: TrainConfig, proc: "Process", steps: int) -> nn.Module:
     """The module the training step runs: `torch.compile(model)` when cfg.compile says so, or by default on GPUs
     and for CPU runs long enough to pay for it; a default compile that fails falls back to eager (the evaluators
-    run the uncompiled model: eval mode and the last partial batch would each compile again)."""
+    run the uncompiled model: eval mode and the last partial batch would each compile again). With
+    progressive_sizes each size compiles its own static graph, not one of symbolic shapes."""
     wanted = cfg.compile if cfg.compile is not None else (
         proc.device.type == "cuda" or steps >= COMPILE_MIN_CPU_STEPS)
     if not wanted:
@@ -481,7 +500,7 @@ def _compiled(model: nn.Module, cfg: TrainConfig, proc: "Process", steps: int) -
         import torch._dynamo as dynamo  # (bound as `dynamo`: `import torch._dynamo` would make torch local here)
 
         dynamo.config.suppress_errors = True  # no C++ compiler, an unsupported op: run eagerly
-    return torch.compile(model)
+    return torch.compile(model, dynamic=False if cfg.progressive_sizes else None)
 
 
 def _evaluation_set(cfg: TrainConfig, splits) -> dict | None:

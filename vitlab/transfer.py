@@ -8,42 +8,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .common import CheckpointError, ConfigError
-from .model import build_model
+from .common import ConfigError
+from .model import build_model, resize_pos_embed
 from .resnet import ResNetConfig
 from .runtime import unwrap
-
-def resize_pos_embed(
-    pos_embed: torch.Tensor,
-    old_grid: tuple[int, int],
-    new_grid: tuple[int, int],
-    num_prefix_tokens: int = 1,
-    mode: str = "bilinear",
-) -> torch.Tensor:
-    """Resize (1, prefix + h*w, D) position embeddings to a new grid by 2-D interpolation.
-
-    The [class] token's embedding is kept apart, unchanged. "bilinear" is the official code's
-    `scipy.ndimage.zoom(grid, zoom, order=1)`: linear interpolation whose corner samples land on the old corners,
-    i.e. `align_corners=True`. "bicubic" is timm's choice (align_corners=False, antialiased). The same grid returns the input.
-    """
-    if mode not in ("bilinear", "bicubic"):
-        raise ConfigError(f"pos_embed interpolation must be 'bilinear' or 'bicubic', got {mode!r}")
-    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
-    n = pos_embed.shape[1] - num_prefix_tokens
-    if old_grid[0] * old_grid[1] != n:
-        raise CheckpointError(f"position embeddings: {n} grid tokens do not fit grid {old_grid}")
-    if old_grid == new_grid:
-        return pos_embed
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    D = grid.shape[-1]
-    grid = grid.reshape(1, *old_grid, D).permute(0, 3, 1, 2).float()  # (1, D, h, w)
-    # bicubic antialiases when it shrinks, as timm's `resample_abs_pos_embed` does (no effect when it grows)
-    grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=(mode == "bilinear"), antialias=(mode == "bicubic"))
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
 
 
 @torch.no_grad()
