@@ -374,6 +374,7 @@ def test_progressive_sizes_train_each_stage_at_its_size_and_resume_bit_for_bit_a
     flops = [0] + [r["train_flops"] for r in rows(reference) if r["split"] == "train"]
     assert [b - a for a, b in zip(flops, flops[1:])] == [per_step[8]] * 12 + [per_step[12]] * 12 + [per_step[16]] * 24
     assert result["n"] == 128 and cfg.image_size == (16, 16)  # evaluated, and saved, at image_size
+    assert all(r["img_s"] > 0 for r in rows(reference) if r["split"] == "train")  # each window's speed measured
 
     out = tmp_path / "run"
     killed = vitlab_train(*flags(PROGRESSIVE), "--out", out, VITLAB_FAULT="step@21")

@@ -386,6 +386,7 @@ class StepMetrics:
     def add(self, step: int, lr: float, stats: torch.Tensor, size: tuple[int, int]) -> None:
         self.flops += self._flops_of(size) * self.batch_size
         self.pending.append((step, lr, stats, self.flops))
+        self.window_steps += 1
 
     def _flops_of(self, size: tuple[int, int]) -> int:
         """A trained image's FLOPs at `size`: a backward pass costs about two forward passes (one product for the
@@ -393,7 +394,6 @@ class StepMetrics:
         if size not in self.image_flops:
             self.image_flops[size] = 3 * forward_flops(self.model_cfg.replace(image_size=size))
         return self.image_flops[size]
-        self.window_steps += 1
 
     def flush(self, stop: bool, out: Path, last_saved: int | None) -> bool:
         """Write the pending steps' metrics, stopping at a non-finite loss; True when a process must stop."""
