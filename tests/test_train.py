@@ -364,7 +364,7 @@ PROGRESSIVE = dict(TINY, epochs=3, progressive_sizes="8,12", crop="pad", flip=Tr
 
 
 @pytest.mark.slow
-def test_progressive_sizes_train_each_stage_at_its_size_and_resume_bit_for_bit_after_sigkill(tmp_path):
+def test_progressive_sizes_train_each_stage_at_its_size_and_resume_bit_for_bit_after_sigkill(tmp_path, capsys):
     """48 steps: the first 12 at 8 px, the next 12 at 12, the last 24 at the run's 16 (progressive_until 0.5); the
     logged FLOPs count each step at its size, and a run killed inside the second stage resumes into the same."""
     reference = tmp_path / "reference"
@@ -374,6 +374,7 @@ def test_progressive_sizes_train_each_stage_at_its_size_and_resume_bit_for_bit_a
     flops = [0] + [r["train_flops"] for r in rows(reference) if r["split"] == "train"]
     assert [b - a for a, b in zip(flops, flops[1:])] == [per_step[8]] * 12 + [per_step[12]] * 12 + [per_step[16]] * 24
     assert result["n"] == 128 and cfg.image_size == (16, 16)  # evaluated, and saved, at image_size
+    assert "48 steps of 32 images, the first 50% at 8 px, then 12 px (progressive resizing)" in capsys.readouterr().out
     assert all(r["img_s"] > 0 for r in rows(reference) if r["split"] == "train")  # each window's speed measured
 
     out = tmp_path / "run"

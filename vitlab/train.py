@@ -573,6 +573,9 @@ def _describe(out: Path, cfg: TrainConfig, model: nn.Module, splits, total_steps
     if emulated_bf16(precision, proc.device):
         how += " (bf16 emulated: this CPU has no bf16 instructions, and fp32 is many times faster: --precision auto)"
     limit = f" at most, as many as {cfg.time_limit:g} minutes allow" if cfg.time_limit else ""
+    if cfg.progressive_sizes:
+        sizes = ", then ".join(f"{s} px" for s in cfg.progressive_sizes)
+        limit += f", the first {cfg.progressive_until:.0%} at {sizes} (progressive resizing)"
     return (f"{out}: {m.name or 'ViT'} ({sum(p.numel() for p in model.parameters()):,} parameters{what}); "
             f"{cfg.data}: {splits.train_size} training images, {splits.num_classes} classes; {total_steps} steps of "
             f"{cfg.batch_size} images{limit}; {proc.world_size} process{'es' if proc.distributed else ''} on "
