@@ -17,8 +17,8 @@ from tiny import fashion_dir, world  # noqa: F401 (fixtures)
 
 from vitlab import cli
 from vitlab.common import ConfigError
-from vitlab.model import VisionTransformer, ViTConfig, posemb_sincos_2d
-from vitlab.transfer import adapt, resize_pos_embed
+from vitlab.model import VisionTransformer, ViTConfig, posemb_sincos_2d, resize_pos_embed
+from vitlab.transfer import adapt
 from vitlab.weights import load_model
 
 

@@ -538,14 +538,18 @@ class VisionTransformer(nn.Module):
             x = corruption.apply(x, self.mask_token)  # masked patch prediction: some patch embeddings replaced
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, D), x_class
-        pos_embed = self.pos_embed
         if grid != self.cfg.grid_size:  # other images than image_size (progressive resizing): E_pos for their grid,
-            # as vitlab.transfer.adapt makes it: fixed ones computed, learned ones interpolated in 2-D, antialiased
-            # (timm's bicubic: each position of a smaller grid averages its footprint, so that all of them learn)
-            pos_embed = (posemb_sincos_2d(grid, self.cfg.hidden_size, self.cfg.num_prefix_tokens).to(x.device)
-                         if self.cfg.posemb == "sincos2d" else
-                         resize_pos_embed(pos_embed, self.cfg.grid_size, grid, self.cfg.num_prefix_tokens, "bicubic"))
-        return x + pos_embed  # + E_pos
+            # learned ones by timm's antialiased bicubic: each position of a smaller grid averages its footprint, so
+            # that all of them learn
+            return x + self.pos_embed_for(grid, "bicubic")
+        return x + self.pos_embed  # + E_pos
+
+    def pos_embed_for(self, grid: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+        """E_pos for a patch grid (h, w): fixed sine-cosine ones computed for it, learned ones interpolated in 2-D
+        (`resize_pos_embed`'s `mode`). What `vitlab.transfer.adapt` gives a new resolution."""
+        if self.cfg.posemb == "sincos2d":
+            return posemb_sincos_2d(grid, self.cfg.hidden_size, self.cfg.num_prefix_tokens).to(self.pos_embed.device)
+        return resize_pos_embed(self.pos_embed, self.cfg.grid_size, grid, self.cfg.num_prefix_tokens, mode)
 
     def forward_features(
         self, x: torch.Tensor, return_attention: bool | Iterable[int] = False, corruption=None

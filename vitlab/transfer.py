@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .common import ConfigError
-from .model import build_model, resize_pos_embed
+from .model import build_model
 from .resnet import ResNetConfig
 from .runtime import unwrap
 
@@ -44,11 +44,7 @@ def adapt(model: nn.Module, *, pos_embed_interp: str = "bilinear", new_head: boo
     if new.mpp_classes != old.mpp_classes:  # pre-trained by masked patch prediction: its own parts dropped
         for k in [k for k in sd if k == "mask_token" or k.startswith("mpp_head.")]:
             del sd[k]
-    if new.posemb == "sincos2d":  # fixed embeddings: computed for the new grid, exactly
-        sd["pos_embed"] = out.pos_embed.detach().clone()
-    else:
-        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], old.grid_size, new.grid_size, old.num_prefix_tokens,
-                                           pos_embed_interp)
+    sd["pos_embed"] = model.pos_embed_for(new.grid_size, pos_embed_interp)  # fixed ones computed for the new grid
     if new.representation_size != old.representation_size:  # the pre-logits layer dropped (section 3.1)
         for k in [k for k in sd if k.startswith("pre_logits.")]:
             del sd[k]
