@@ -7,10 +7,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,18 +143,34 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_finishes_the_step_saves_and_exits(tmp_path, signum):
+@pytest.mark.parametrize("signum, group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True),
+                                           (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM to the group, a loader worker", "Ctrl-C, a loader worker"])
+def test_a_signal_finishes_the_step_saves_and_exits(tmp_path, signum, group):
+    """The signal to the main process alone, or (group) to its whole process group, as a terminal's Ctrl-C or a
+    scheduler's SIGTERM sends it, with a DataLoader worker in the group: the worker leaves it to the main process.
+    Before data.signals_to_main, SIGTERM killed the worker and the main process failed on its next batch with a
+    traceback; on Ctrl-C PyTorch's worker already returned quietly (that case passed then too)."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "vitlab", "train", *flags(TINY), "--epochs", "1000", "--no-compile", "--out",
                str(out)]  # (16,000 steps would be compiled by default: that is not what this test is about)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    if group:
+        command += ["--num-workers", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                            start_new_session=group)
     try:
         deadline = time.monotonic() + 60
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
             assert time.monotonic() < deadline and proc.poll() is None, "the run did not start"
             time.sleep(0.1)
-        proc.send_signal(signum)
+        if group:  # once an epoch's loader has its worker (Linux lists a process's children)
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            while not children.read_text().split():
+                assert time.monotonic() < deadline and proc.poll() is None, "no loader worker started"
+                time.sleep(0.01)
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()

@@ -20,6 +20,7 @@ import copy
 import gzip
 import math
 import os
+import signal
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -541,6 +542,15 @@ class _ResumedLoader(DataLoader):
         return it
 
 
+def signals_to_main(worker_id: int) -> None:
+    """A DataLoader worker's init: SIGINT and SIGTERM are the main process's to act on, which stops after the step
+    in flight, saves, and then shuts its workers down. A scheduler's SIGTERM (Slurm's, `kill -- -PGID`) or a Ctrl-C
+    reaches the whole process group; a worker killed by SIGTERM made the main process fail on its next batch with a
+    traceback instead of saving. A worker whose main process is gone exits by itself (PyTorch's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset | IterableDataset, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
                 start_batch: int = 0, num_workers: int = 0, drop_last: bool = False, rank: int = 0,
                 world_size: int = 1, collate_fn: Callable | None = None, even: bool = True,
@@ -557,7 +567,7 @@ def make_loader(dataset: Dataset | IterableDataset, batch_size: int, *, shuffle:
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch, seed=seed)
     loader_args = dict(batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
-                       collate_fn=collate_fn or collate, pin_memory=pin_memory,
+                       collate_fn=collate_fn or collate, pin_memory=pin_memory, worker_init_fn=signals_to_main,
                        # DataLoader draws its worker base seed from this, not from the caller's RNG
                        generator=torch.Generator().manual_seed(seed_int(seed, epoch, SALT_LOADER)))
     if isinstance(dataset, IterableDataset):

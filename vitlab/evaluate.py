@@ -209,7 +209,7 @@ def features(model: nn.Module, dataset, *, batch_size: int, precision: str = "fp
     LayerNorm: `forward_head(forward_features(x), pre_logits=True)`, on the model's device."""
     if indices is not None:
         loader = DataLoader(dataset, batch_size=batch_size, sampler=list(indices), num_workers=num_workers,
-                            collate_fn=data.collate)
+                            collate_fn=data.collate, worker_init_fn=data.signals_to_main)
     else:
         loader = data.make_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, num_workers=num_workers,
                                   even=False)
