@@ -149,8 +149,8 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(t
 def test_a_signal_finishes_the_step_saves_and_exits(tmp_path, signum, group):
     """The signal to the main process alone, or (group) to its whole process group, as a terminal's Ctrl-C or a
     scheduler's SIGTERM sends it, with a DataLoader worker in the group: the worker leaves it to the main process.
-    Before data.signals_to_main, SIGTERM killed the worker and the main process failed on its next batch with a
-    traceback; on Ctrl-C PyTorch's worker already returned quietly (that case passed then too)."""
+    Before data.signals_to_main, SIGTERM killed the worker and the main process failed at once with a traceback;
+    on Ctrl-C PyTorch's worker already returned quietly (that case passed then too)."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "vitlab", "train", *flags(TINY), "--epochs", "1000", "--no-compile", "--out",
                str(out)]  # (16,000 steps would be compiled by default: that is not what this test is about)
@@ -183,6 +183,17 @@ def test_a_signal_finishes_the_step_saves_and_exits(tmp_path, signum, group):
                                ("resume", dict(epochs=None, steps=step + 2))), resume=True)
     assert [r["step"] for r in rows(out) if r["split"] == "train"][-1] == step + 2
     assert result["n"] == 128 and 0 <= result["top1"] <= 1
+
+
+def test_a_process_with_a_live_loader_worker_exits():
+    """multiprocessing's exit clean-up terminates live DataLoader workers with SIGTERM and joins them: the worker
+    must end on it (data.signals_to_main). A first version that ignored SIGTERM hung the interpreter's exit here."""
+    script = ("import torch; from vitlab.data import make_loader\n"
+              "ds = [(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)] * 64\n"
+              "it = iter(make_loader(ds, 8, shuffle=False, seed=0, epoch=0, num_workers=1)); next(it)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env=subprocess_env())
+    assert done.returncode == 0, done.stderr
 
 
 # Equivalences of batching. SGD rather than Adam: Adam's update does not depend on the gradient's scale, so it

@@ -543,12 +543,13 @@ class _ResumedLoader(DataLoader):
 
 
 def signals_to_main(worker_id: int) -> None:
-    """A DataLoader worker's init: SIGINT and SIGTERM are the main process's to act on, which stops after the step
-    in flight, saves, and then shuts its workers down. A scheduler's SIGTERM (Slurm's, `kill -- -PGID`) or a Ctrl-C
-    reaches the whole process group; a worker killed by SIGTERM made the main process fail on its next batch with a
-    traceback instead of saving. A worker whose main process is gone exits by itself (PyTorch's watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A DataLoader worker's init: SIGTERM ends the worker as SIGINT does, by the KeyboardInterrupt that PyTorch's
+    worker loop catches and returns from, so that it exits cleanly rather than killed by a signal. A scheduler's
+    SIGTERM (Slurm's, `kill -- -PGID`) reaches the whole process group; a worker killed by it made the main process
+    fail at once (its SIGCHLD handler raises) with a traceback, instead of finishing the step and saving. Ignoring
+    the signal instead would hang the interpreter's exit, whose multiprocessing clean-up terminates live workers
+    with SIGTERM and joins them."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def make_loader(dataset: Dataset | IterableDataset, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
