@@ -142,6 +142,19 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(t
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+def _worker_catches_sigterm(pid: int) -> bool:
+    """Whether a child of process `pid` has a SIGTERM handler installed (bit 15 of its caught-signals mask)."""
+    try:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            status = Path(f"/proc/{child}/status").read_text()
+            caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+            if caught >> (signal.SIGTERM - 1) & 1:
+                return True
+    except (FileNotFoundError, ProcessLookupError, StopIteration):
+        pass
+    return False
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True),
                                            (signal.SIGINT, True)],
@@ -163,9 +176,8 @@ def test_a_signal_finishes_the_step_saves_and_exits(tmp_path, signum, group):
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
             assert time.monotonic() < deadline and proc.poll() is None, "the run did not start"
             time.sleep(0.1)
-        if group:  # once an epoch's loader has its worker (Linux lists a process's children)
-            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-            while not children.read_text().split():
+        if group:  # once an epoch's loader worker catches SIGTERM: its init ran (Linux: /proc children, SigCgt)
+            while not _worker_catches_sigterm(proc.pid):
                 assert time.monotonic() < deadline and proc.poll() is None, "no loader worker started"
                 time.sleep(0.01)
             os.killpg(proc.pid, signum)
