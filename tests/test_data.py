@@ -4,6 +4,9 @@ ImageFolder trees, bad images, the torchvision sets without a network."""
 from __future__ import annotations
 
 import gzip
+import signal
+import subprocess
+import time
 import urllib.error
 from urllib.error import URLError
 
@@ -121,6 +124,56 @@ def test_loader_leaves_the_callers_rng_alone(fmnist):
     epoch(train)
     assert torch.equal(torch.get_rng_state(), state)
 
+
+
+NUMBERED = [(torch.full((3, 4, 4), i, dtype=torch.uint8), i) for i in range(64)]  # 8 batches of 8, labelled in order
+
+
+def _send(signum: int, pid: int) -> None:
+    """Signal `pid` from another process than its parent, as a terminal's Ctrl-C or a scheduler's SIGTERM does."""
+    subprocess.run(["kill", f"-{signal.Signals(signum).name[3:]}", str(pid)], check=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_loader_worker_leaves_a_signal_to_the_main_process(signum):
+    """The worker goes on serving (the main process may still wait for a batch of it before it stops); PyTorch's
+    own worker died of SIGTERM, or returned on SIGINT, and the main process failed: 'exited unexpectedly'."""
+    it = iter(data.make_loader(NUMBERED, 8, shuffle=False, seed=0, epoch=0, num_workers=1))
+    first, worker = next(it), it._workers[0]
+    _send(signum, worker.pid)
+    time.sleep(0.5)  # (the worker has taken the signal: only 2 of the 7 batches left were asked of it yet)
+    labels = torch.cat([first[1], *(y for _, y in it)])
+    assert labels.tolist() == list(range(64)) and worker.exitcode == 0  # ended by the loader's shut-down
+
+
+def test_a_signal_while_a_worker_starts_waits_for_its_init(tmp_path):
+    """Workers start with SIGINT and SIGTERM blocked (data.Loader): before, a SIGTERM that came before a worker's
+    init had run killed it (a flaky test found that)."""
+    started = tmp_path / "started"
+
+    def slow_init(worker_id: int) -> None:  # (the worker is forked: a closure will do)
+        started.touch()
+        time.sleep(1.0)
+        data.signals_to_main(worker_id)
+
+    it = iter(data.Loader(NUMBERED, batch_size=8, num_workers=1, worker_init_fn=slow_init))
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.01)
+    _send(signal.SIGTERM, it._workers[0].pid)
+    assert torch.cat([y for _, y in it]).tolist() == list(range(64))
+
+
+def test_a_sigterm_from_the_main_process_ends_a_worker():
+    """multiprocessing's exit clean-up ends live workers so (then joins them): the worker exits at once."""
+    it = iter(data.make_loader(NUMBERED, 8, shuffle=False, seed=0, epoch=0, num_workers=1))
+    next(it)
+    worker = it._workers[0]
+    worker.terminate()  # SIGTERM, from its parent
+    worker.join(timeout=30)
+    assert worker.exitcode == 0
+    del it
 
 # ---------------------------------------------------------------------------------------- augmentation
 

@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -526,8 +527,30 @@ def _in_memory(stream: WdsDataset, transform: Transform, bad_images: str) -> Map
 
 # ------------------------------------------------------------------------------------------- loader
 
-class _ResumedLoader(DataLoader):
-    """A DataLoader over a stream that drops its first `start_batch` batches (they are read, then dropped)."""
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class Loader(DataLoader):
+    """A DataLoader whose worker processes leave SIGINT and SIGTERM to the main process (`signals_to_main`, their
+    init). They start with both signals blocked, so that one sent while a worker starts waits for its init instead
+    of killing it (workers start with each epoch's loader)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("worker_init_fn", signals_to_main)
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return super().__iter__()
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()  # starts the workers, which inherit this thread's signal mask
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)  # a signal that came meanwhile is delivered now
+
+
+class _ResumedLoader(Loader):
+    """A Loader over a stream that drops its first `start_batch` batches (they are read, then dropped)."""
 
     def __init__(self, *args, start_batch: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -543,19 +566,33 @@ class _ResumedLoader(DataLoader):
 
 
 def signals_to_main(worker_id: int) -> None:
-    """A DataLoader worker's init: SIGTERM ends the worker as SIGINT does, by the KeyboardInterrupt that PyTorch's
-    worker loop catches and returns from, so that it exits cleanly rather than killed by a signal. A scheduler's
-    SIGTERM (Slurm's, `kill -- -PGID`) reaches the whole process group; a worker killed by it made the main process
-    fail at once (its SIGCHLD handler raises) with a traceback, instead of finishing the step and saving. Ignoring
-    the signal instead would hang the interpreter's exit, whose multiprocessing clean-up terminates live workers
-    with SIGTERM and joins them."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    """A DataLoader worker's init: SIGINT and SIGTERM are the main process's to act on. Ctrl-C in a terminal and a
+    scheduler's SIGTERM (Slurm's, `kill -- -PGID`) reach the whole process group; the main process then finishes
+    its step, which may still wait for a batch of this worker, saves, and shuts its loader down, which ends the
+    worker. A worker that died of the signal (PyTorch's handler lets SIGTERM kill it), or returned on it as
+    PyTorch's loop does on SIGINT, made the main process fail with a traceback instead. So the worker ignores both,
+    but for a SIGTERM from its main process, which is how multiprocessing's exit clean-up ends live workers: then
+    it exits at once, as PyTorch's handler does (ignoring that one too hung the interpreter's exit). A thread takes
+    the signals with sigwaitinfo, which tells who sent them; a worker whose main process died ends by PyTorch's
+    watchdog. Without sigwaitinfo (macOS), SIGTERM ends the worker as SIGINT does."""
+    if not hasattr(signal, "sigwaitinfo"):
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # (already, when a Loader started this worker)
+    threading.Thread(target=_take_signals, args=(os.getppid(),), name="vitlab-signals", daemon=True).start()
+
+
+def _take_signals(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
 
 
 def make_loader(dataset: Dataset | IterableDataset, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
                 start_batch: int = 0, num_workers: int = 0, drop_last: bool = False, rank: int = 0,
                 world_size: int = 1, collate_fn: Callable | None = None, even: bool = True,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False) -> Loader:
     """The DataLoader of one epoch for this rank, starting at batch `start_batch`.
 
     Map-style: the epoch order is a permutation seeded from (seed, epoch); each rank takes every
@@ -568,7 +605,7 @@ def make_loader(dataset: Dataset | IterableDataset, batch_size: int, *, shuffle:
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch, seed=seed)
     loader_args = dict(batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
-                       collate_fn=collate_fn or collate, pin_memory=pin_memory, worker_init_fn=signals_to_main,
+                       collate_fn=collate_fn or collate, pin_memory=pin_memory,
                        # DataLoader draws its worker base seed from this, not from the caller's RNG
                        generator=torch.Generator().manual_seed(seed_int(seed, epoch, SALT_LOADER)))
     if isinstance(dataset, IterableDataset):
@@ -585,4 +622,4 @@ def make_loader(dataset: Dataset | IterableDataset, batch_size: int, *, shuffle:
             total = math.ceil(n / world_size) * world_size
             order = order.repeat(math.ceil(total / n))[:total]
         order = order[rank::world_size]
-    return DataLoader(dataset, sampler=order[start_batch * batch_size:].tolist(), **loader_args)
+    return Loader(dataset, sampler=order[start_batch * batch_size:].tolist(), **loader_args)

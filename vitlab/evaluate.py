@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from . import data
 from .common import CheckpointError, DataError
@@ -208,8 +207,8 @@ def features(model: nn.Module, dataset, *, batch_size: int, precision: str = "fp
     pre-logits representation if the model has one, else the [class] token (or the mean token) after the encoder's
     LayerNorm: `forward_head(forward_features(x), pre_logits=True)`, on the model's device."""
     if indices is not None:
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=list(indices), num_workers=num_workers,
-                            collate_fn=data.collate, worker_init_fn=data.signals_to_main)
+        loader = data.Loader(dataset, batch_size=batch_size, sampler=list(indices), num_workers=num_workers,
+                             collate_fn=data.collate)
     else:
         loader = data.make_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, num_workers=num_workers,
                                   even=False)
