@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 from urllib.error import URLError
@@ -16,6 +17,7 @@ import torch
 import torchvision
 from datasets import N_TEST, N_TRAIN, epoch, fm, fmnist, folder, index_of  # noqa: F401 (fixtures)
 from PIL import Image
+from tiny import subprocess_env
 
 from vitlab import common, data, specs
 from vitlab.common import DataError
@@ -125,7 +127,6 @@ def test_loader_leaves_the_callers_rng_alone(fmnist):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-
 NUMBERED = [(torch.full((3, 4, 4), i, dtype=torch.uint8), i) for i in range(64)]  # 8 batches of 8, labelled in order
 
 
@@ -165,15 +166,16 @@ def test_a_signal_while_a_worker_starts_waits_for_its_init(tmp_path):
     assert torch.cat([y for _, y in it]).tolist() == list(range(64))
 
 
-def test_a_sigterm_from_the_main_process_ends_a_worker():
-    """multiprocessing's exit clean-up ends live workers so (then joins them): the worker exits at once."""
-    it = iter(data.make_loader(NUMBERED, 8, shuffle=False, seed=0, epoch=0, num_workers=1))
-    next(it)
-    worker = it._workers[0]
-    worker.terminate()  # SIGTERM, from its parent
-    worker.join(timeout=30)
-    assert worker.exitcode == 0
-    del it
+def test_a_process_with_a_live_loader_worker_exits():
+    """multiprocessing's exit clean-up terminates live DataLoader workers with SIGTERM, from their parent, and joins
+    them: the worker must end on it. A first version of data.signals_to_main that ignored every SIGTERM hung here."""
+    script = ("import torch; from vitlab.data import make_loader\n"
+              "it = iter(make_loader([(torch.zeros(3, 4, 4, dtype=torch.uint8), 0)] * 64, 8, shuffle=False, seed=0,"
+              " epoch=0, num_workers=1)); next(it)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env=subprocess_env())
+    assert done.returncode == 0, done.stderr
+
 
 # ---------------------------------------------------------------------------------------- augmentation
 
